@@ -1,0 +1,165 @@
+"""The pass that grafts adapter subgraphs onto the planned sites, and the adapter tensor store.
+
+For each site node the rule traces the method's `forward` into an ATen snippet (cached by
+method, shapes and mode), adds the adapter tensors as parameter placeholders named
+`adapters.<site path>.<name>` (shared tensors: `adapters.shared.<method>.<name>`), splices the
+snippet after the base op and reroutes the base op's users to the adapted output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import torch.fx
+
+from passes.adapters.base import SiteContext
+from rewrite.passes import RuleSet
+from rewrite.program import Program
+from rewrite.sites import Site, SiteIndex
+from rewrite.spec import Assignment
+from rewrite.splice import splice, trace_snippet
+
+aten = torch.ops.aten
+PREFIX = "adapters."
+
+
+def param_target(method, site: Site, name: str) -> str:
+    spec = method.params(site)[name]
+    if spec.shared:
+        return f"{PREFIX}shared.{method.name}.{name}"
+    return f"{PREFIX}{site.path}.{name}"
+
+
+class AdapterStore(torch.nn.Module):
+    """Holds adapter tensors in a module tree that mirrors their dotted names."""
+
+    def add(self, name: str, tensor: torch.Tensor, trainable: bool) -> torch.nn.Parameter:
+        *parents, leaf = name.split(".")
+        module: torch.nn.Module = self
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        param = torch.nn.Parameter(tensor.detach().clone(), requires_grad=trainable)
+        module.register_parameter(leaf, param)
+        return param
+
+
+def create_adapter_tensors(
+    assignments: list[Assignment],
+    state: Mapping[str, torch.Tensor],
+    store: AdapterStore,
+    seed: int,
+    calibration: Mapping[str, list[torch.Tensor]] | None = None,
+) -> None:
+    """Initialise every adapter tensor once (shared tensors once per method) into `store`.
+
+    `calibration` maps a site path to its captured inputs ([tokens, features] per batch),
+    for methods that declare `needs_calibration`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    made: set[str] = set()
+    for a in assignments:
+        W = logical_weight(a.site, state[a.site.weight])
+        calib = (calibration or {}).get(a.site.path)
+        values = a.method.init(a.site, W, calib, generator)
+        for name, spec in a.method.params(a.site).items():
+            target = param_target(a.method, a.site, name)
+            if target in made:
+                continue
+            value = values[name]
+            if tuple(value.shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"{a.method.name}.init gave {name} shape {tuple(value.shape)}, "
+                    f"params() declares {spec.shape}"
+                )
+            store.add(target[len(PREFIX) :], value.to(W.device), spec.trainable)
+            made.add(target)
+
+
+def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
+    """The weight in [out, in] layout (addmm stores it as [in, out])."""
+    return W.t() if site.op == "addmm" else W
+
+
+def _snippet_key(a: Assignment, training: bool, x: torch.fx.Node) -> tuple:
+    site = dataclasses.replace(
+        a.site, path="", module_type="", layer=None, weight="", group=(), module_class=""
+    )
+    pattern = tuple("s" if isinstance(d, torch.SymInt) else int(d) for d in x.meta["val"].shape)
+    return (a.method, site, training, pattern)
+
+
+class InsertAdapterRule:
+    """Pattern: a site op. Check: the plan assigns it a method. Rewrite: splice the adapter."""
+
+    name = "insert_adapter"
+
+    def __init__(self, program: Program, sites: SiteIndex, plan: list[Assignment]):
+        self.program = program
+        self.by_path = {a.site.path: a for a in plan}
+        self.path_of = {node: path for path, nodes in sites.nodes.items() for node in nodes}
+        self.cache: dict[tuple, torch.fx.GraphModule] = {}
+
+    def matches(self, node: torch.fx.Node) -> bool:
+        return node in self.path_of
+
+    def check(self, node: torch.fx.Node) -> str | None:
+        if self.path_of[node] not in self.by_path:
+            return "not targeted by the spec"
+        return None
+
+    def rewrite(self, node: torch.fx.Node) -> None:
+        a = self.by_path[self.path_of[node]]
+        site, method, graph = a.site, a.method, self.program.graph
+        training = self.program.training
+        if site.op == "embedding":
+            x, weight = node.args[1], node.args[0]
+        elif site.op == "addmm":
+            x, weight = node.args[1], node.args[2]
+        else:
+            x, weight = node.args[0], node.args[1]
+        bias = None
+        if site.has_bias:
+            bias = node.args[0] if site.op == "addmm" else node.args[2]
+        if site.op == "addmm":
+            with graph.inserting_before(node.next):
+                weight = graph.call_function(aten.t.default, (weight,))
+        names = list(method.params(site))
+        param_nodes = [self.program.add_parameter(param_target(method, site, n)) for n in names]
+        key = _snippet_key(a, training, x)
+        if key not in self.cache:
+            meta = {
+                n: torch.empty(s.shape, dtype=site.dtype, device="meta")
+                for n, s in method.params(site).items()
+            }
+            w_meta = torch.empty(
+                (site.out_features, site.in_features)
+                if site.op not in ("embedding",) and site.conv is None
+                else site.weight_shape,
+                dtype=site.dtype,
+                device="meta",
+            )
+            b_meta = (
+                torch.empty((site.out_features,), dtype=site.dtype, device="meta")
+                if bias is not None
+                else None
+            )
+
+            def fn(x, base_out, W, b, p, _site=site, _method=method):
+                return _method.forward(x, base_out, W, p, SiteContext(_site, training, b))
+
+            self.cache[key] = trace_snippet(fn, x, node, w_meta, b_meta, meta)
+        inputs = [x, node, weight, bias, *param_nodes]
+        tag = {"site": site.path, "method": method.name, "role": "adapter"}
+        after = weight if site.op == "addmm" else node
+        out, inserted = splice(graph, self.cache[key], inputs, after, tag)
+        out.meta["peftc"].update(output=True, base=node.name)
+        keep = set(inserted)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+
+
+def insert_adapters(program: Program, sites: SiteIndex, plan: list[Assignment]) -> RuleSet:
+    return RuleSet("insert_adapters", [InsertAdapterRule(program, sites, plan)])

@@ -1,0 +1,46 @@
+"""The registry of adapter methods: name -> frozen dataclass. Methods register themselves.
+
+Every module in this package is imported once on first lookup, so adding a method is
+adding one file that decorates its class with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+_METHODS: dict[str, type] = {}
+_NOT_METHODS = {"base", "registry", "insert"}
+
+
+def register(name: str):
+    def decorate(cls: type) -> type:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"adapter method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    import passes.adapters as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _NOT_METHODS:
+            importlib.import_module(f"passes.adapters.{info.name}")
+
+
+def methods() -> dict[str, type]:
+    """All registered methods by name."""
+    if not _METHODS:
+        _discover()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> type:
+    known = methods()
+    if name not in known:
+        raise KeyError(f"unknown adapter method {name!r}; known methods: {', '.join(known)}")
+    return known[name]

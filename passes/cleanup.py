@@ -1,0 +1,17 @@
+"""Cleanup: remove nodes whose results nobody reads (after merging or fusion)."""
+
+from __future__ import annotations
+
+from rewrite.passes import PassResult
+from rewrite.program import Program
+
+
+class Cleanup:
+    name = "cleanup"
+    requires: tuple[str, ...] = ()
+
+    def __call__(self, program: Program) -> PassResult:
+        modified = program.graph.eliminate_dead_code()
+        if modified:
+            program.graph_module.recompile()
+        return PassResult(program.graph_module, modified)

@@ -1,0 +1,176 @@
+"""The adapted model: the user's model, its adapter tensors, and the rewritten graphs.
+
+It is an nn.Module called like the original model. The base model stays the owner of the
+base weights (frozen); adapter tensors live under `adapters.`. Training and eval mode use
+separately traced graphs (dropout differs), built from the same plan and sharing tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cost_model.plan import Plan
+from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
+from passes.cleanup import Cleanup
+from passes.merge import MergeAdapters, merged_weights
+from rewrite.passes import PassManager, PassRecord
+from rewrite.program import Program
+from rewrite.sites import SiteIndex, find_sites
+from rewrite.spec import AdaptationSpec
+from rewrite.capture import capture_site_inputs
+from rewrite.trace import bind_call, bind_inputs, check_inputs, trace
+from rewrite.unlift import unlift
+
+
+class AdaptedModel(torch.nn.Module):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        program: Program,
+        sites: SiteIndex,
+        plan: Plan,
+        spec: AdaptationSpec,
+        example_inputs: Any,
+        calibration: Any = None,
+        debug: bool | None = None,
+    ):
+        super().__init__()
+        self.base = model
+        model.requires_grad_(False)
+        self.adapters = AdapterStore()
+        self.sites = sites
+        self.plan = plan
+        self.spec = spec
+        self._example_inputs = example_inputs
+        self._debug = debug
+        self.pass_records: list[PassRecord] = []
+        create_adapter_tensors(
+            plan.assignments, self.state(), self.adapters, spec.seed, calibration
+        )
+        self._programs: dict[bool, Program] = {}
+        self._programs[program.training] = self._rewrite(program, sites)
+        self.train(model.training)
+
+    def _calibrate(self, batches: Any) -> dict[str, list[torch.Tensor]] | None:
+        """Site inputs over the calibration batches, for methods whose init needs data."""
+        paths = [a.site.path for a in self.plan if getattr(a.method, "needs_calibration", False)]
+        if not paths:
+            return None
+        program = trace(self.base, self._example_inputs, training=False)
+        captured: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+        capture_site_inputs(
+            program,
+            self.state(),
+            find_sites(program),
+            paths,
+            [bind_inputs(self.base, b) for b in batches],
+            lambda path, rows: captured[path].append(rows),
+            desc="calibrating adapter init",
+        )
+        return captured
+
+    # -- graphs -------------------------------------------------------------------------
+
+    def _rewrite(self, program: Program, sites: SiteIndex) -> Program:
+        manager = PassManager(
+            [insert_adapters(program, sites, self.plan.assignments), Cleanup()], debug=self._debug
+        )
+        manager.run(program, keep_diffs=True)
+        if program.training:
+            self.pass_records = manager.records
+        return program
+
+    def program(self, training: bool | None = None) -> Program:
+        """The rewritten graph for train (or eval) mode; the other mode is traced on first use."""
+        training = self.training if training is None else training
+        if training not in self._programs:
+            traced = trace(self.base, self._example_inputs, training=training)
+            self._programs[training] = self._rewrite(traced, find_sites(traced))
+        return self._programs[training]
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.program().graph_module
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the graphs read, by name: base parameters and buffers, then adapters."""
+        out = dict(self.base.named_parameters(remove_duplicate=False))
+        out.update(self.base.named_buffers(remove_duplicate=False))
+        out.update((PREFIX + n, p) for n, p in self.adapters.named_parameters())
+        return out
+
+    # -- calling ------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        program = self.program()
+        inputs = bind_call(self.base, args, kwargs)
+        check_inputs(program, inputs)
+        return program.run(self.state(), inputs)
+
+    # -- adapters -----------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The adapter tensors that train (the base model is frozen)."""
+        return [p for p in self.adapters.parameters() if p.requires_grad]
+
+    def named_adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {PREFIX + n: p for n, p in self.adapters.named_parameters()}
+
+    def summary(self) -> str:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.base.parameters()) + sum(
+            p.numel() for p in self.adapters.parameters()
+        )
+        lines = [
+            f"peftc: {len(self.plan)} of {len(self.sites)} sites adapted "
+            f"({', '.join(sorted(self.plan.methods()))}); trainable {trainable:,} of {total:,} "
+            f"parameters ({100 * trainable / max(total, 1):.3f}%)",
+            f"pipeline: {' -> '.join(r.name for r in self.pass_records)}",
+        ]
+        for a in self.plan:
+            n = sum(
+                _numel(s.shape)
+                for s in a.method.params(a.site).values()
+                if s.trainable and not s.shared
+            )
+            lines.append(
+                f"  {a.site.path:<48} {a.site.op:<9} {a.site.in_features:>6}->{a.site.out_features:<6} "
+                f"{a.method.name:<8} r={a.rank!s:<4} params={n:,}"
+            )
+        return "\n".join(lines)
+
+    def save_adapter(self, directory: str) -> None:
+        """Write adapter_model.safetensors + adapter_config.json in PEFT's format."""
+        from peftc.peft_format import save_adapter
+
+        save_adapter(self, directory)
+
+    def load_adapter(self, directory: str) -> None:
+        """Load adapter weights saved by peftc or by PEFT's save_pretrained."""
+        from peftc.peft_format import load_adapter
+
+        load_adapter(self, directory)
+
+    # -- merging ------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = True) -> torch.fx.GraphModule:
+        """A GraphModule (eval mode) with every adapter folded into its base weight."""
+        program = self.program(training=False).clone()
+        state = self.state()
+        merge = MergeAdapters(
+            self.plan.assignments, merged_weights(self.plan.assignments, state, safe_merge)
+        )
+        PassManager([merge, Cleanup()], debug=self._debug).run(program)
+        merged_state = {**state, **merge.state}
+        with torch.no_grad():
+            owned = {k: v.detach().clone() for k, v in merged_state.items()}
+        return unlift(program, owned)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

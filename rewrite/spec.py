@@ -1,0 +1,305 @@
+"""The adaptation spec: which sites get which adapter method, read from YAML, JSON or a dict.
+
+    adapters:
+      - method: lora
+        targets: ["*.q_proj", "*.v_proj"]   # globs over module paths
+        types: [mlp.down_proj]             # module types, matched by suffix
+        layers: "0-5"                      # layer indices: "0-5", "0,2,4", 3 or [0, 1]
+        exclude: ["*.layers.0.*"]
+        rank: 8                            # ...and the method's own hyperparameters
+        overrides: {"*.layers.0.*": {rank: 16}}
+    seed: 0
+
+Rules apply in order and the first rule that matches a site wins. A target without glob
+characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does.
+Method names and hyperparameters are checked against the registry the caller passes in,
+so this module stays independent of the adapter library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rewrite.sites import Site, SiteIndex, type_matches
+
+TOP_KEYS = ("adapters", "placement", "seed")
+SELECTOR_KEYS = ("targets", "types", "layers", "exclude", "overrides")
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterRule:
+    index: int
+    method: str
+    hyperparams: dict
+    targets: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    layers: frozenset[int] | None = None
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, dict], ...] = ()
+
+    def describe(self) -> str:
+        what = []
+        if self.targets:
+            what.append(f"targets {list(self.targets)}")
+        if self.types:
+            what.append(f"types {list(self.types)}")
+        if self.layers is not None:
+            what.append(f"layers {sorted(self.layers)}")
+        return f"rule {self.index} ({self.method}: {', '.join(what) or 'no selector'})"
+
+    def selects(self, site: Site) -> bool:
+        if self.targets and not any(path_matches(site.path, t) for t in self.targets):
+            return False
+        if self.types and not any(type_matches(site.module_type, t) for t in self.types):
+            return False
+        if self.layers is not None and site.layer not in self.layers:
+            return False
+        return not any(path_matches(site.path, e) for e in self.exclude)
+
+    def hyperparams_for(self, path: str) -> dict:
+        params = dict(self.hyperparams)
+        for pattern, values in self.overrides:
+            if path_matches(path, pattern):
+                params.update(values)
+        return params
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    adapters: tuple[AdapterRule, ...]
+    placement: dict | None = None
+    seed: int = 0
+    source: dict | None = dataclasses.field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A site, the method instance chosen for it, and the rule that chose it."""
+
+    site: Site
+    method: Any
+    rule: int
+
+    @property
+    def path(self) -> str:
+        return self.site.path
+
+    @property
+    def rank(self) -> int | None:
+        return getattr(self.method, "rank", None)
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(path, pattern)
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _did_you_mean(key: str, allowed) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
+
+
+def _read(source: Any) -> dict:
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, Path) or (
+        isinstance(source, str)
+        and "\n" not in source
+        and Path(source).suffix in (".yaml", ".yml", ".json")
+    ):
+        path = Path(source)
+        if not path.exists():
+            raise SpecError(f"spec file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise SpecError(
+                f"spec file {path} is not valid {path.suffix[1:].upper()}: {e}"
+            ) from None
+    elif isinstance(source, str):
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec text is not valid YAML/JSON: {e}") from None
+    else:
+        raise SpecError(
+            f"a spec is a dict, a YAML/JSON string or a path to a .yaml/.json file, "
+            f"got {type(source).__name__}"
+        )
+    if not isinstance(data, Mapping):
+        raise SpecError(f"a spec is a mapping with an 'adapters' list, got {type(data).__name__}")
+    return dict(data)
+
+
+def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise SpecError(f"{where}: {key} must be a string or a list of strings, got {value!r}")
+
+
+def parse_layers(value: Any, where: str = "spec") -> frozenset[int]:
+    """'0-5', '0,2,4', 3 or [0, 1] -> a set of layer indices."""
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: layers must be like '0-5', '0,2,4', 3 or [0, 1], got {value!r}")
+    if isinstance(value, int):
+        return frozenset([value])
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return frozenset(value)
+    if isinstance(value, str):
+        out = set()
+        for part in value.replace(" ", "").split(","):
+            lo, sep, hi = part.partition("-")
+            if not lo.isdigit() or (sep and not hi.isdigit()):
+                raise SpecError(
+                    f"{where}: layers {value!r} is not a range list; write it like '0-5' or '0,2,4'"
+                )
+            if sep and int(hi) < int(lo):
+                raise SpecError(f"{where}: layers range {part!r} is empty (end before start)")
+            out.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        return frozenset(out)
+    raise SpecError(f"{where}: layers must be like '0-5', '0,2,4', 3 or [0, 1], got {value!r}")
+
+
+def _build_method(method_cls: type, params: dict, where: str):
+    try:
+        return method_cls(**params)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def load_spec(source: Any, methods: Mapping[str, type]) -> AdaptationSpec:
+    """Read and validate a spec against the registry `methods` (name -> dataclass)."""
+    if isinstance(source, AdaptationSpec):
+        return source
+    data = _read(source)
+    for key in data:
+        if key not in TOP_KEYS:
+            raise SpecError(f"unknown spec key {key!r}{_did_you_mean(key, TOP_KEYS)}")
+    raw_rules = data.get("adapters")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise SpecError(
+            "the spec needs a non-empty 'adapters' list, e.g. "
+            "adapters: [{method: lora, targets: ['*.q_proj'], rank: 8}]"
+        )
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise SpecError(f"seed must be an integer, got {seed!r}")
+    placement = data.get("placement")
+    if placement is not None and not isinstance(placement, Mapping):
+        raise SpecError(f"placement must be a mapping, got {placement!r}")
+    rules = tuple(
+        _parse_rule(i, raw, methods, placement is not None) for i, raw in enumerate(raw_rules)
+    )
+    return AdaptationSpec(rules, dict(placement) if placement else None, seed, data)
+
+
+def _parse_rule(index: int, raw: Any, methods: Mapping[str, type], placed: bool) -> AdapterRule:
+    where = f"adapters[{index}]"
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{where} must be a mapping with a 'method', got {raw!r}")
+    name = raw.get("method")
+    if name is None:
+        raise SpecError(f"{where} has no 'method'; known methods: {', '.join(methods)}")
+    if name not in methods:
+        close = difflib.get_close_matches(str(name), list(methods), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpecError(
+            f"{where}: unknown method {name!r}{hint}; known methods: {', '.join(methods)}"
+        )
+    method_cls = methods[name]
+    fields = [f.name for f in dataclasses.fields(method_cls)]
+    allowed = ("method", *SELECTOR_KEYS, *fields)
+    hyper = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise SpecError(f"{where} ({name}): unknown key {key!r}{_did_you_mean(key, allowed)}")
+        if key in fields:
+            hyper[key] = value
+    where = f"{where} ({name})"
+    _build_method(method_cls, hyper, where)
+    targets = _strings(raw["targets"], "targets", where) if "targets" in raw else ()
+    types = _strings(raw["types"], "types", where) if "types" in raw else ()
+    layers = parse_layers(raw["layers"], where) if "layers" in raw else None
+    exclude = _strings(raw["exclude"], "exclude", where) if "exclude" in raw else ()
+    if not targets and not types and not placed:
+        raise SpecError(
+            f"{where} selects no modules: give 'targets' (globs over module paths) or 'types' "
+            "(module types such as self_attn.q_proj), or add a 'placement' section"
+        )
+    overrides = []
+    raw_overrides = raw.get("overrides", {}) or {}
+    if not isinstance(raw_overrides, Mapping):
+        raise SpecError(f"{where}: overrides must map a path glob to hyperparameters")
+    for pattern, values in raw_overrides.items():
+        if not isinstance(values, Mapping):
+            raise SpecError(f"{where}: overrides[{pattern!r}] must be a mapping of hyperparameters")
+        for key in values:
+            if key not in fields:
+                raise SpecError(
+                    f"{where}: overrides[{pattern!r}] has unknown key {key!r}{_did_you_mean(key, fields)}"
+                )
+        _build_method(method_cls, {**hyper, **values}, f"{where} overrides[{pattern!r}]")
+        overrides.append((str(pattern), dict(values)))
+    return AdapterRule(index, name, hyper, targets, types, layers, exclude, tuple(overrides))
+
+
+def resolve(
+    spec: AdaptationSpec,
+    sites: SiteIndex,
+    methods: Mapping[str, type],
+    candidates: set[str] | None = None,
+) -> list[Assignment]:
+    """Assign each site to the first rule that selects it; validate the method at the site.
+
+    `candidates` (from a placement) limits the sites that rules without a selector take.
+    """
+    taken: dict[str, Assignment] = {}
+    for rule in spec.adapters:
+        has_selector = bool(rule.targets or rule.types or rule.layers is not None)
+        chosen = [
+            s
+            for s in sites
+            if (not has_selector or rule.selects(s))
+            and (candidates is None or s.path in candidates)
+            and not any(path_matches(s.path, e) for e in rule.exclude)
+        ]
+        if not chosen and has_selector:
+            types = sites.module_types()
+            example = next(iter(sites)).path if len(sites) else "(none)"
+            raise SpecError(
+                f"{rule.describe()} matches no module. Module types in this model: "
+                f"{', '.join(types)} (paths look like {example!r}); targets are globs over "
+                "module paths such as '*.q_proj', types are suffixes such as 'self_attn.q_proj'"
+            )
+        for site in chosen:
+            if site.path in taken:
+                continue
+            method = _build_method(
+                methods[rule.method],
+                rule.hyperparams_for(site.path),
+                f"adapters[{rule.index}] ({rule.method})",
+            )
+            reason = method.check(site)
+            if reason is not None:
+                raise SpecError(f"adapters[{rule.index}] ({rule.method}) at {site.path}: {reason}")
+            taken[site.path] = Assignment(site, method, rule.index)
+    return [taken[s.path] for s in sites if s.path in taken]

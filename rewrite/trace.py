@@ -1,0 +1,233 @@
+"""Tracing: nn.Module + example inputs -> Program, through torch.export (non-strict, ATen training IR).
+
+Inputs are normalised to keyword arguments by binding them to the model's forward signature,
+so a model traced with `(ids,)` can be called with `input_ids=ids` and the other way round.
+Batch and sequence dimensions are dynamic: dim 0 of every tensor, and dim 1 of integer
+tensors of rank 2 or more (token ids, masks) and of floating tensors of rank 3 (hidden states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import traceback
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+
+from rewrite.program import BUFFER, CONSTANT, PARAMETER, USER_INPUT, Program, Slot
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message names the failing op or module and a fix."""
+
+
+def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Turn a tuple of positional args or a dict of keyword args into keyword args by name."""
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple | list):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        raise TypeError(
+            f"example inputs must be a tuple of positional arguments or a dict of keyword "
+            f"arguments, got {type(example_inputs).__name__}"
+        )
+    return bind_call(model, args, kwargs)
+
+
+def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Bind a call's arguments to the names of the model's forward; keep the tensors."""
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(
+            f"inputs do not fit {type(model).__name__}.forward{signature}: {e}"
+        ) from None
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(
+                f"{type(model).__name__}.forward takes *{name}; peftc needs named arguments. "
+                "Wrap the model in a module whose forward names each input."
+            )
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"input {name!r} is a {type(value).__name__}; peftc traces tensor inputs only. "
+                "Bind non-tensor options when building the model (or in a wrapper module)."
+            )
+        named[name] = value
+    if not named:
+        raise TypeError("no tensor inputs were given; pass example inputs for the model")
+    return named
+
+
+def dynamic_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """Which dims of an input are dynamic: batch, and sequence for ids/masks/hidden states."""
+    if t.dim() == 0:
+        return ()
+    if (not t.is_floating_point() and t.dim() >= 2) or (t.is_floating_point() and t.dim() == 3):
+        return (0, 1)
+    return (0,)
+
+
+@contextlib.contextmanager
+def _tracing_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Put the model in train/eval mode and switch off HF's KV cache while tracing."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    had_cache = getattr(config, "use_cache", None)
+    model.train(training)
+    if had_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if had_cache is not None:
+            config.use_cache = had_cache
+
+
+def _explain_failure(model: torch.nn.Module, error: Exception) -> str:
+    """Name the op and the model source line where tracing failed, and suggest a fix."""
+    frames = traceback.extract_tb(error.__traceback__)
+    user_frames = [
+        f
+        for f in frames
+        if "/torch/" not in f.filename
+        and "/rewrite/" not in f.filename
+        and "contextlib" not in f.filename
+    ]
+    where = ""
+    if user_frames:
+        f = user_frames[-1]
+        where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {f.line}"
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    lowered = str(error).lower()
+    if "data-dependent" in lowered or "guardondatadependent" in type(error).__name__.lower():
+        fix = (
+            "the model branches on a tensor's value. Replace the Python `if` on tensor data with "
+            "torch.where/torch.cond, or compute that value outside forward."
+        )
+    elif "not supported" in lowered or "unsupported" in lowered:
+        fix = (
+            "this op cannot be exported; move it out of forward or replace it with a supported op."
+        )
+    elif "dynamic" in lowered or "constraint" in lowered or "specializ" in lowered:
+        fix = (
+            "the model fixes a batch or sequence size. Pass example inputs with batch >= 2 and "
+            "sequence >= 2, or make the size a function of the input shape."
+        )
+    else:
+        fix = (
+            "make forward traceable by torch.export (no data-dependent Python control flow, no "
+            "non-tensor outputs), or wrap the model in a module with a simpler forward."
+        )
+    return (
+        f"could not trace {type(model).__name__} with torch.export: "
+        f"{type(error).__name__}: {first}{where}\n  fix: {fix}"
+    )
+
+
+def trace(model: torch.nn.Module, example_inputs: Any, training: bool = True) -> Program:
+    """Export `model` on `example_inputs` into a Program (lifted ATen training IR)."""
+    inputs = bind_inputs(model, example_inputs)
+    dynamic_shapes = {}
+    input_meta = {}
+    for name, t in inputs.items():
+        dims = dynamic_dims(t)
+        for d in dims:
+            if t.shape[d] < 2:
+                raise TraceError(
+                    f"input {name!r} has size {t.shape[d]} in dim {d}, which peftc keeps dynamic "
+                    "(batch or sequence); torch.export would fix it to 1. Trace with batch >= 2 "
+                    "and sequence >= 2; the model then runs at any size."
+                )
+        dynamic_shapes[name] = {d: Dim.AUTO for d in dims}
+        input_meta[name] = (
+            tuple(None if i in dims else s for i, s in enumerate(t.shape)),
+            t.dtype,
+        )
+    try:
+        with _tracing_mode(model, training):
+            ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # torch.export raises many exception types; all mean "untraceable"
+        raise TraceError(_explain_failure(model, e)) from e
+    return _program_from_export(ep, list(inputs), input_meta, training)
+
+
+def _program_from_export(
+    ep: torch.export.ExportedProgram,
+    input_names: list[str],
+    input_meta: dict,
+    training: bool,
+) -> Program:
+    slots = []
+    user_inputs = iter(input_names)
+    kinds = {
+        InputKind.PARAMETER: PARAMETER,
+        InputKind.BUFFER: BUFFER,
+        InputKind.CONSTANT_TENSOR: CONSTANT,
+        InputKind.USER_INPUT: USER_INPUT,
+    }
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind not in kinds:
+            raise TraceError(f"unsupported graph input kind {spec.kind} for {spec.arg.name}")
+        kind = kinds[spec.kind]
+        target = next(user_inputs) if kind == USER_INPUT else spec.target
+        slots.append(Slot(kind, spec.arg.name, target))
+    mutated = []
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            mutated.append(spec.target)
+        elif spec.kind != OutputKind.USER_OUTPUT:
+            raise TraceError(
+                f"the model mutates {spec.target or spec.arg} ({spec.kind.name}); "
+                "peftc supports buffer mutations only (e.g. BatchNorm statistics)"
+            )
+    return Program(
+        graph_module=ep.graph_module,
+        slots=slots,
+        input_names=input_names,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        mutated_buffers=mutated,
+        constants=dict(ep.constants),
+        input_meta=input_meta,
+        training=training,
+        exported=ep,
+    )
+
+
+def check_inputs(program: Program, inputs: Mapping[str, Any]) -> None:
+    """Refuse inputs whose names, ranks, static sizes or dtypes differ from the traced ones."""
+    if set(inputs) != set(program.input_names):
+        raise TypeError(
+            f"this model was compiled for inputs {program.input_names}, got {sorted(inputs)}. "
+            "Call it with the same named inputs as the example inputs."
+        )
+    for name, (shape, _dtype) in program.input_meta.items():
+        t = inputs[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"input {name!r} must be a tensor, got {type(t).__name__}")
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+            want = "x".join("*" if s is None else str(s) for s in shape)
+            raise ValueError(
+                f"input {name!r} has shape {tuple(t.shape)}, expected {want} "
+                "(* marks a dynamic dim). Re-compile with example inputs of this shape."
+            )
+
+
+def flatten_outputs(value: Any) -> list[Any]:
+    return pytree.tree_leaves(value)
