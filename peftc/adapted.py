@@ -15,11 +15,11 @@ from cost_model.plan import Plan
 from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
 from passes.cleanup import Cleanup
 from passes.merge import MergeAdapters, merged_weights
+from rewrite.capture import capture_site_inputs
 from rewrite.passes import PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.sites import SiteIndex, find_sites
 from rewrite.spec import AdaptationSpec
-from rewrite.capture import capture_site_inputs
 from rewrite.trace import bind_call, bind_inputs, check_inputs, trace
 from rewrite.unlift import unlift
 
