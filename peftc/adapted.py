@@ -78,7 +78,7 @@ class AdaptedModel(torch.nn.Module):
             [insert_adapters(program, sites, self.plan.assignments), Cleanup()], debug=self._debug
         )
         manager.run(program, keep_diffs=True)
-        if program.training:
+        if not self.pass_records:  # the pipeline as run at compile time
             self.pass_records = manager.records
         return program
 

@@ -1,0 +1,1 @@
+"""Subcommands of the `peftc` CLI, one module each."""

