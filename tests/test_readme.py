@@ -1,0 +1,17 @@
+"""The README opens with the two commands, and CI runs exactly those lines."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_first_block_has_two_lines_that_ci_runs():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```", 2)[1]
+    lines = [line for line in block.strip("\n").splitlines() if line.strip()]
+    assert len(lines) == 2, lines
+    assert "torch==2.13.0" in lines[0] and "examples/" in lines[0]
+    assert "pytest" in lines[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for line in lines:
+        assert line in ci, f"{line!r} is not run by .ci/run"

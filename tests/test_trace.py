@@ -1,0 +1,67 @@
+"""Tracing: dynamic shapes, HF output structure, train/eval graphs, plain modules."""
+
+import torch
+
+import peftc
+from tests.models import tiny_llama, token_inputs
+
+SPEC = {
+    "adapters": [{"method": "lora", "targets": ["*.q_proj", "*.v_proj"], "rank": 4, "dropout": 0.1}]
+}
+
+
+def test_traced_at_2x16_runs_at_3x40_and_batch_1_and_keeps_hf_output():
+    base = tiny_llama()
+    adapted = peftc.compile(base, SPEC, token_inputs(2, 16)).eval()
+    for batch, seq in [(3, 40), (1, 7)]:
+        x = token_inputs(batch, seq, seed=3)
+        out = adapted(**x)
+        assert type(out).__name__ == "CausalLMOutputWithPast"
+        with torch.no_grad():
+            torch.testing.assert_close(out.logits, base(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_positional_and_keyword_calls_agree():
+    adapted = peftc.compile(tiny_llama(), SPEC, token_inputs()).eval()
+    x = token_inputs(2, 9, seed=4)
+    a = adapted(x["input_ids"], x["attention_mask"]).logits
+    b = adapted(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    assert torch.equal(a, b)
+
+
+def test_train_and_eval_graphs_differ_only_in_dropout():
+    adapted = peftc.compile(tiny_llama(), SPEC, token_inputs())
+
+    def live_dropouts(training):
+        graph = adapted.program(training).graph
+        return [
+            n
+            for n in graph.nodes
+            if n.meta.get("peftc") and n.target == torch.ops.aten.dropout.default and n.args[2]
+        ]
+
+    assert len(live_dropouts(True)) == 4
+    assert live_dropouts(False) == []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():
+            p.normal_(std=0.1)
+    x = token_inputs()
+    adapted.train()
+    t1, t2 = adapted(**x).logits, adapted(**x).logits
+    assert not torch.equal(t1, t2)  # dropout is live in training
+    adapted.eval()
+    e1, e2 = adapted(**x).logits, adapted(**x).logits
+    assert torch.equal(e1, e2)
+
+
+def test_plain_module_with_positional_input():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    adapted = peftc.compile(
+        net,
+        {"adapters": [{"method": "lora", "targets": ["0", "2"], "rank": 2}]},
+        (torch.randn(2, 8),),
+    )
+    assert [a.path for a in adapted.plan] == ["0", "2"]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(adapted(x), net(x))
