@@ -1,8 +1,13 @@
 """Merge: fold each adapter into its base weight, so the graph is the base model's again.
 
 Each adapted site's op is fed `merged_weight(W, p)` and the adapter snippet is dropped.
-Merging runs in fp32 and casts once to the weight's dtype. A weight shared by several
-sites (tied embeddings) gets a merged copy of its own under `<site path>.weight`.
+Merging runs in fp32 and casts once to the weight's dtype (or a requested one). A weight shared
+by several sites (tied embeddings) gets a merged copy of its own under `<site path>.weight`.
+
+Guarantee: after merge and cleanup, the graph's op multiset (`op_multiset`) equals that of the
+base model's own eval trace after the same dead-code cleanup; the merged model costs exactly
+what the base model costs. `FoldWeights` is the
+same fold applied to a base program that never had adapters (e.g. one traced in fp16).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import torch.fx
 from passes.adapters.insert import PREFIX, logical_weight, param_target
 from rewrite.passes import PassResult
 from rewrite.program import PARAMETER, Program
-from rewrite.sites import SITE_OPS
+from rewrite.sites import SITE_OPS, SiteIndex
 from rewrite.spec import Assignment
+from rewrite.unlift import unlift
 
 
 class MergeError(RuntimeError):
@@ -25,9 +31,13 @@ class MergeError(RuntimeError):
 
 
 def merged_weights(
-    assignments: list[Assignment], state: Mapping[str, torch.Tensor], safe: bool = True
+    assignments: list[Assignment],
+    state: Mapping[str, torch.Tensor],
+    safe: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """site path -> merged weight in storage layout and dtype."""
+    """site path -> merged weight in storage layout, computed in fp32 and cast once to `dtype`
+    (default: the weight's own dtype). Merging in low precision drifts (peft#1388, #2502)."""
     out = {}
     for a in assignments:
         site, method = a.site, a.method
@@ -50,7 +60,7 @@ def merged_weights(
             )
         if site.op == "addmm":
             merged = merged.t()
-        out[site.path] = merged.to(W.dtype).contiguous()
+        out[site.path] = merged.to(dtype or W.dtype).contiguous()
     return out
 
 
@@ -102,3 +112,68 @@ class MergeAdapters:
         graph.lint()
         program.graph_module.recompile()
         return PassResult(program.graph_module, modified)
+
+
+def op_multiset(graph: torch.fx.Graph | torch.fx.GraphModule) -> Counter:
+    """How often each op target is called: the structural fingerprint merge must preserve."""
+    if isinstance(graph, torch.fx.GraphModule):
+        graph = graph.graph
+    return Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
+
+
+class FoldWeights:
+    """Feed each assigned site of a base program (no adapters) its merged weight."""
+
+    name = "fold_weights"
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, sites: SiteIndex, assignments: list[Assignment], merged):
+        self.sites = sites
+        self.assignments = assignments
+        self.merged = merged
+        self.state: dict[str, torch.Tensor] = {}
+
+    def __call__(self, program: Program) -> PassResult:
+        param_of = {s.name: s.target for s in program.slots if s.kind == PARAMETER}
+        uses = Counter()
+        for n in program.graph.nodes:
+            if n.op == "placeholder" and n.name in param_of:
+                uses[param_of[n.name]] = len(n.users)
+        claimed = Counter(a.site.weight for a in self.assignments)
+        for a in self.assignments:
+            if a.site.path not in self.sites.sites:
+                raise MergeError(
+                    f"site {a.site.path} of the plan is missing from the re-traced base graph; "
+                    "the model's structure changed since it was compiled"
+                )
+            nodes = self.sites.nodes[a.site.path]
+            _, w_index, _ = SITE_OPS[a.site.op]
+            shared = claimed[a.site.weight] > 1 or uses[a.site.weight] > len(nodes)
+            target = f"{a.site.path}.weight" if shared else a.site.weight
+            if shared:
+                placeholder = program.add_parameter(target)
+                for node in nodes:
+                    args = list(node.args)
+                    args[w_index] = placeholder
+                    node.args = tuple(args)
+            self.state[target] = self.merged[a.site.path]
+        program.graph.lint()
+        program.graph_module.recompile()
+        return PassResult(program.graph_module, bool(self.assignments))
+
+
+def fold_weights(
+    program: Program,
+    sites: SiteIndex,
+    assignments: list[Assignment],
+    state: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+) -> torch.fx.GraphModule:
+    """A self-contained GraphModule of `program` (a base trace) with merged weights folded in."""
+    fold = FoldWeights(sites, assignments, merged)
+    fold(program)
+    program.graph.eliminate_dead_code()  # as the merge pipeline's cleanup does
+    program.graph_module.recompile()
+    with torch.no_grad():
+        owned = {k: v.detach().clone() for k, v in {**state, **fold.state}.items()}
+    return unlift(program, owned)

@@ -2,8 +2,16 @@
 
 from peftc.adapted import AdaptedModel
 from peftc.api import compile, from_peft
+from peftc.optimizers import create_loraplus_optimizer
 from rewrite.spec import SpecError
 from rewrite.trace import TraceError
 
-__all__ = ["AdaptedModel", "SpecError", "TraceError", "compile", "from_peft"]
+__all__ = [
+    "AdaptedModel",
+    "SpecError",
+    "TraceError",
+    "compile",
+    "create_loraplus_optimizer",
+    "from_peft",
+]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch
 from cost_model.plan import Plan
 from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
 from passes.cleanup import Cleanup
+from passes.fuse import FuseSiblings, fold_scale
 from passes.merge import MergeAdapters, merged_weights
 from rewrite.capture import capture_site_inputs
 from rewrite.passes import PassManager, PassRecord
@@ -35,6 +36,8 @@ class AdaptedModel(torch.nn.Module):
         example_inputs: Any,
         calibration: Any = None,
         debug: bool | None = None,
+        loading: bool = False,
+        fuse: bool = True,
     ):
         super().__init__()
         self.base = model
@@ -45,20 +48,30 @@ class AdaptedModel(torch.nn.Module):
         self.spec = spec
         self._example_inputs = example_inputs
         self._debug = debug
+        self._fuse = fuse
+        self._compiled: dict[bool, Any] = {}
         self.pass_records: list[PassRecord] = []
+        captured = None
+        if calibration is not None:
+            captured = self._calibrate(calibration, None if program.training else program)
         create_adapter_tensors(
-            plan.assignments, self.state(), self.adapters, spec.seed, calibration
+            plan.assignments, self.state(), self.adapters, spec.seed, captured, loading=loading
         )
         self._programs: dict[bool, Program] = {}
         self._programs[program.training] = self._rewrite(program, sites)
         self.train(model.training)
 
-    def _calibrate(self, batches: Any) -> dict[str, list[torch.Tensor]] | None:
-        """Site inputs over the calibration batches, for methods whose init needs data."""
+    def _calibrate(
+        self, batches: Any, program: Program | None = None
+    ) -> dict[str, list[torch.Tensor]] | None:
+        """Site inputs over the calibration batches, for methods whose init needs data.
+
+        `program` is an eval-mode trace not yet rewritten, reused when the caller has one."""
         paths = [a.site.path for a in self.plan if getattr(a.method, "needs_calibration", False)]
         if not paths:
             return None
-        program = trace(self.base, self._example_inputs, training=False)
+        if program is None or program.training:
+            program = trace(self.base, self._example_inputs, training=False)
         captured: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
         capture_site_inputs(
             program,
@@ -74,9 +87,10 @@ class AdaptedModel(torch.nn.Module):
     # -- graphs -------------------------------------------------------------------------
 
     def _rewrite(self, program: Program, sites: SiteIndex) -> Program:
-        manager = PassManager(
-            [insert_adapters(program, sites, self.plan.assignments), Cleanup()], debug=self._debug
-        )
+        passes = [insert_adapters(program, sites, self.plan.assignments)]
+        if self._fuse:
+            passes += [fold_scale(), FuseSiblings()]
+        manager = PassManager([*passes, Cleanup()], debug=self._debug)
         manager.run(program, keep_diffs=True)
         if not self.pass_records:  # the pipeline as run at compile time
             self.pass_records = manager.records
@@ -107,7 +121,22 @@ class AdaptedModel(torch.nn.Module):
         program = self.program()
         inputs = bind_call(self.base, args, kwargs)
         check_inputs(program, inputs)
-        return program.run(self.state(), inputs)
+        return program.run(self.state(), inputs, self._compiled.get(program.training))
+
+    def compile_for_training(
+        self,
+        mode: str | None = None,
+        dynamic: bool = True,
+        activation_checkpointing: bool = False,
+    ) -> AdaptedModel:
+        """Compile the training graph with Inductor (Triton on GPU, C++ on CPU), fullgraph,
+        dynamic batch and sequence. Returns self; training-mode calls then run compiled."""
+        from lowering.inductor import compile_program
+
+        self._compiled[True] = compile_program(
+            self.program(training=True), mode, dynamic, activation_checkpointing
+        )
+        return self
 
     # -- adapters -----------------------------------------------------------------------
 
@@ -167,6 +196,18 @@ class AdaptedModel(torch.nn.Module):
         with torch.no_grad():
             owned = {k: v.detach().clone() for k, v in merged_state.items()}
         return unlift(program, owned)
+
+    def export_onnx(
+        self,
+        path: str,
+        dtype: str = "fp32",
+        opset: int | None = None,
+        dynamic: bool = True,
+    ) -> Any:
+        """Merge the adapters and export an ONNX file verified with onnxruntime (ExportReport)."""
+        from lowering.onnx import export_merged
+
+        return export_merged(self, path, dtype=dtype, opset=opset, dynamic=dynamic)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

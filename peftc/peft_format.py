@@ -27,9 +27,23 @@ CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
 
 
+def _absolute(site, suffix: str) -> str:
+    # A key that starts with "base_model." is absolute: shared tensors (VeRA's "base_model.vera_A")
+    # live outside any module path.
+    return suffix if suffix.startswith("base_model.") else f"{KEY_PREFIX}{site.path}.{suffix}"
+
+
 def peft_key(method, site, name: str) -> str:
-    suffix = method.peft_keys(site)[name]
-    return suffix if suffix.startswith(KEY_PREFIX) else f"{KEY_PREFIX}{site.path}.{suffix}"
+    return _absolute(site, method.peft_keys(site)[name])
+
+
+def peft_aliases(method, site) -> dict[str, list[str]]:
+    """Extra keys under which PEFT checkpoints repeat a tensor (optional hook `peft_aliases`:
+    RandLoRA saves its shared bases once per layer too). Written on save, accepted on load."""
+    hook = getattr(method, "peft_aliases", None)
+    if hook is None:
+        return {}
+    return {name: [_absolute(site, k) for k in keys] for name, keys in hook(site).items()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -57,12 +71,24 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
     state = adapted.state()
     tensors: dict[str, torch.Tensor] = {}
     for a in plan:
+        convert = getattr(a.method, "peft_tensors", None)
+        if convert is not None:
+            # The method ships a converted form (PiSSA/CorDA: a plain LoRA on the original base).
+            p = {
+                n: state[param_target(a.method, a.site, n)].detach()
+                for n in a.method.params(a.site)
+            }
+            for suffix, value in convert(a.site, p).items():
+                tensors[f"{KEY_PREFIX}{a.site.path}.{suffix}"] = value.contiguous().cpu()
+            continue
         for name, spec in a.method.params(a.site).items():
             if spec.trainable or getattr(a.method, "save_frozen", False):
                 key = peft_key(a.method, a.site, name)
                 tensors[key] = (
                     state[param_target(a.method, a.site, name)].detach().contiguous().cpu()
                 )
+                for alias in peft_aliases(a.method, a.site).get(name, ()):
+                    tensors[alias] = tensors[key].clone()  # safetensors refuses shared memory
     config = method_cls.peft_config(plan.assignments)
     config.setdefault("task_type", None)
     config.setdefault("base_model_name_or_path", None)
@@ -103,6 +129,17 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
                 expected[peft_key(a.method, a.site, name)] = param_target(a.method, a.site, name)
     # PEFT may keep the adapter name in keys (".lora_A.default.weight"); drop it.
     loaded = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in loaded.items()}
+    # Copies of a tensor that is loaded under its own key (see peft_aliases) are not read.
+    aliases = {
+        k for a in adapted.plan for keys in peft_aliases(a.method, a.site).values() for k in keys
+    }
+    loaded = {k: v for k, v in loaded.items() if k not in aliases or k in expected}
+    # PEFT saves adapted embeddings' base weights too (save_embedding_layers), e.g. after a
+    # vocabulary resize; like PEFT, load them into the base weight.
+    for a in adapted.plan:
+        key = f"{KEY_PREFIX}{a.site.path}.base_layer.weight"
+        if key in loaded:
+            expected[key] = a.site.weight
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     if missing or unexpected:
@@ -112,9 +149,24 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}. "
             "Compile with the spec the adapter was trained with (or use peftc.from_peft)."
         )
+    values = {key: (target, loaded[key]) for key, target in expected.items()}
+    for a in adapted.plan:
+        convert = getattr(a.method, "params_from_peft", None)
+        if convert is None:
+            continue
+        # The method reads its own tensors (PiSSA/CorDA: raw or converted form); it gets them
+        # by key suffix and returns values by parameter name.
+        found = {}
+        for name, suffix in a.method.peft_keys(a.site).items():
+            key = peft_key(a.method, a.site, name)
+            if key in values:
+                found[suffix] = values.pop(key)[1]
+        for name, value in convert(a.site, found).items():
+            target = param_target(a.method, a.site, name)
+            values[f"{a.site.path}:{name}"] = (target, value)
     with torch.no_grad():
-        for key, target in expected.items():
-            param, value = state[target], loaded[key]
+        for key, (target, value) in values.items():
+            param = state[target]
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(
                     f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(param.shape)}"

@@ -10,7 +10,7 @@ it makes adapter tensors ordinary graph inputs, so swapping them never recompile
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +100,15 @@ class Program:
             exported=self.exported,
         )
 
-    def run(self, state: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]) -> Any:
-        """Run the graph on `state` (parameters and buffers by name) and keyword `inputs`."""
+    def run(
+        self,
+        state: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, Any],
+        runner: Callable[..., Any] | None = None,
+    ) -> Any:
+        """Run the graph on `state` (parameters and buffers by name) and keyword `inputs`.
+
+        `runner` replaces the graph module's own call (a compiled version of it)."""
         args = []
         for slot in self.slots:
             if slot.kind == USER_INPUT:
@@ -110,7 +117,7 @@ class Program:
                 args.append(self.constants[slot.target])
             else:
                 args.append(state[slot.target])
-        outputs = self.graph_module(*args)
+        outputs = (self.graph_module if runner is None else runner)(*args)
         n = len(self.mutated_buffers)
         if n:
             with torch.no_grad():

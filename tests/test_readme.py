@@ -15,3 +15,9 @@ def test_readme_first_block_has_two_lines_that_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for line in lines:
         assert line in ci, f"{line!r} is not run by .ci/run"
+
+
+def test_readme_methods_table_is_generated_from_the_registry():
+    from peftc.methods_table import readme_block
+
+    assert readme_block() in (ROOT / "README.md").read_text()

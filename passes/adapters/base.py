@@ -24,6 +24,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     trainable: bool = True
     shared: bool = False  # stored once under adapters.shared.<name>
+    dtype: torch.dtype | None = None  # None: the site's dtype (set it for index tensors)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,30 @@ class Cost:
             name: int(sympy.sympify(getattr(self, name)).subs(env))
             for name in ("params", "flops_forward", "flops_backward", "activation_bytes")
         }
+
+
+def bind_plan(assignments: list) -> list:
+    """Let each method class see all of its sites at once (optional hook `bind_plan`).
+
+    Shared tensors (VeRA's, RandLoRA's projections) are sized by every site a method adapts,
+    but `params(site)` sees one site. A class that defines the classmethod
+    `bind_plan(assignments) -> assignments` gets its own assignments, in plan order, and
+    returns them with method instances that carry what they need (e.g. the largest dims).
+    """
+    out = list(assignments)
+    groups: dict[type, list[int]] = {}
+    for i, a in enumerate(out):
+        groups.setdefault(type(a.method), []).append(i)
+    for cls, indices in groups.items():
+        hook = getattr(cls, "bind_plan", None)
+        if hook is None:
+            continue
+        bound = hook([out[i] for i in indices])
+        if len(bound) != len(indices):
+            raise ValueError(f"{cls.__name__}.bind_plan returned {len(bound)} of {len(indices)}")
+        for i, a in zip(indices, bound, strict=True):
+            out[i] = a
+    return out
 
 
 def site_symbols(site: Site, rank: int) -> dict:

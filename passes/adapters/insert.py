@@ -53,21 +53,35 @@ def create_adapter_tensors(
     store: AdapterStore,
     seed: int,
     calibration: Mapping[str, list[torch.Tensor]] | None = None,
+    loading: bool = False,
 ) -> None:
     """Initialise every adapter tensor once (shared tensors once per method) into `store`.
 
     `calibration` maps a site path to its captured inputs ([tokens, features] per batch),
-    for methods that declare `needs_calibration`.
+    for methods that declare `needs_calibration`. With `loading` (a checkpoint is loaded right
+    after), such methods get `calib=None` instead of an error and decide what they can build.
     """
     generator = torch.Generator().manual_seed(seed)
-    made: set[str] = set()
+    made: dict[str, tuple[int, ...]] = {}
     for a in assignments:
         W = logical_weight(a.site, state[a.site.weight])
         calib = (calibration or {}).get(a.site.path)
+        if calib is None and getattr(a.method, "needs_calibration", False) and not loading:
+            raise ValueError(
+                f"{a.method.name} at {a.site.path} initialises from data: pass calibration "
+                "batches (a list of model inputs) as peftc.compile(..., calibration=batches)"
+            )
         values = a.method.init(a.site, W, calib, generator)
         for name, spec in a.method.params(a.site).items():
             target = param_target(a.method, a.site, name)
             if target in made:
+                # a shared tensor is made once; every site must declare the same shape
+                if made[target] != tuple(spec.shape):
+                    raise ValueError(
+                        f"{a.method.name} at {a.site.path} declares shared {name} with shape "
+                        f"{tuple(spec.shape)}, but another site declared {made[target]}; "
+                        "bind the plan first (passes.adapters.base.bind_plan)"
+                    )
                 continue
             value = values[name]
             if tuple(value.shape) != tuple(spec.shape):
@@ -76,7 +90,7 @@ def create_adapter_tensors(
                     f"params() declares {spec.shape}"
                 )
             store.add(target[len(PREFIX) :], value.to(W.device), spec.trainable)
-            made.add(target)
+            made[target] = tuple(spec.shape)
 
 
 def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
@@ -132,7 +146,7 @@ class InsertAdapterRule:
         key = _snippet_key(a, training, x)
         if key not in self.cache:
             meta = {
-                n: torch.empty(s.shape, dtype=site.dtype, device="meta")
+                n: torch.empty(s.shape, dtype=s.dtype or site.dtype, device="meta")
                 for n, s in method.params(site).items()
             }
             w_meta = torch.empty(

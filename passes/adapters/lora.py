@@ -64,11 +64,12 @@ class LoRA:
         """Why this method cannot adapt `site`, or None when it can."""
         if site.op not in self.supported_ops:
             return f"lora does not support {site.op} sites"
-        if self.rank > min(site.in_features, site.out_features):
+        fan_in = site.in_features * math.prod(site.conv.kernel if site.conv else ())
+        if self.rank > min(fan_in, site.out_features):
             return (
                 f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={site.in_features}, out={site.out_features}) = "
-                f"{min(site.in_features, site.out_features)}); lower the rank"
+                f"(min(in={fan_in}, out={site.out_features}) = "
+                f"{min(fan_in, site.out_features)}); lower the rank"
             )
         if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
             return "lora supports convolutions with groups=1 and dilation=1 only"

@@ -11,6 +11,7 @@ import pkgutil
 
 _METHODS: dict[str, type] = {}
 _NOT_METHODS = {"base", "registry", "insert"}
+_DISCOVERED = False
 
 
 def register(name: str):
@@ -34,8 +35,10 @@ def _discover() -> None:
 
 def methods() -> dict[str, type]:
     """All registered methods by name."""
-    if not _METHODS:
+    global _DISCOVERED
+    if not _DISCOVERED:  # not `if not _METHODS`: importing one method module registers it early
         _discover()
+        _DISCOVERED = True
     return dict(sorted(_METHODS.items()))
 
 

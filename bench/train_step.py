@@ -1,0 +1,240 @@
+"""Training-step benchmark: peftc against PEFT, side by side in one process.
+
+    python bench/train_step.py [--device cuda] [--hidden 512 --layers 4 --rank 16] [--json out.json]
+
+Model: a Llama from config (hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 2000),
+inputs batch 4 × seq 128, LoRA r=16 alpha=32 on all seven projection types, AdamW. The
+contenders run interleaved (one step each per round) after warm-up; the table reports
+medians. Contenders:
+  a  PEFT eager                 b  PEFT + torch.compile
+  c  peftc compiled, no fusion  d  peftc compiled, fused
+  e  floor: the compiled base model, forward + backward, no adapters, no weight gradients
+     (input embeddings require grad, so the backward runs through every layer)
+  f  peftc DoRA compiled (r=16)
+Peak memory: max allocated per step on GPU; on CPU the peak RSS of a fresh process that runs
+that contender alone (`--memory`, one child process per contender).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import peftc  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NAMES = {
+    "a": "PEFT eager",
+    "b": "PEFT + torch.compile",
+    "c": "peftc compiled, unfused",
+    "d": "peftc compiled, fused",
+    "e": "floor: compiled base fwd+bwd",
+    "f": "peftc DoRA compiled",
+}
+
+
+def build_base(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=2000,
+        max_position_embeddings=max(512, args.seq),
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config).to(args.device)
+
+
+def inputs(args):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (args.batch, args.seq), generator=g).to(args.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def lm_loss(logits, ids):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def make_contender(key, base, args, x):
+    """A zero-argument callable that runs one training step of contender `key`."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = {
+        "r": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "target_modules": TARGETS,
+        "lora_dropout": 0.0,
+    }
+    spec_method = "dora" if key == "f" else "lora"
+    spec = {
+        "adapters": [
+            {"method": spec_method, "targets": TARGETS, "rank": args.rank, "alpha": 2 * args.rank}
+        ]
+    }
+    if key in ("a", "b"):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = torch.compile(model) if key == "b" else model
+    elif key in ("c", "d", "f"):
+        model = peftc.compile(copy.deepcopy(base), spec, x, fuse=key != "c").train()
+        model.compile_for_training()
+        params = model.trainable_parameters()
+        run = model
+    else:
+        model = copy.deepcopy(base).train().requires_grad_(False)
+        embed = model.get_input_embeddings()
+        compiled = torch.compile(model)
+
+        def floor_step():
+            emb = embed(x["input_ids"]).detach().requires_grad_()
+            logits = compiled(inputs_embeds=emb, attention_mask=x["attention_mask"]).logits
+            lm_loss(logits, x["input_ids"]).backward()
+
+        return floor_step
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        lm_loss(run(**x).logits, x["input_ids"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_memory_child(args, key):
+    """Peak RSS (MiB) of a fresh process running contender `key` alone (CPU)."""
+    cmd = [sys.executable, __file__, "--only", key, "--device", args.device]
+    for flag in ("hidden", "layers", "rank", "batch", "seq", "heads"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def only(args):
+    base = build_base(args)
+    x = inputs(args)
+    step = make_contender(args.only, base, args, x)
+    for _ in range(3):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="peftc vs PEFT training step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--contenders", default="abcdef")
+    p.add_argument(
+        "--memory", action="store_true", help="CPU: peak RSS per contender (subprocesses)"
+    )
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.only:
+        only(args)
+        return 0
+
+    base = build_base(args)
+    x = inputs(args)
+    keys = list(args.contenders)
+    steps, compile_s = {}, {}
+    for key in keys:
+        start = time.perf_counter()
+        steps[key] = make_contender(key, base, args, x)
+        for _ in range(args.warmup):
+            steps[key]()
+        sync(args.device)
+        compile_s[key] = time.perf_counter() - start
+        print(f"warmed up {key} ({NAMES[key]}) in {compile_s[key]:.1f}s", file=sys.stderr)
+    times = {k: [] for k in keys}
+    peak = {k: 0.0 for k in keys}
+    for _ in range(args.rounds):
+        for key in keys:
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            sync(args.device)
+            start = time.perf_counter()
+            steps[key]()
+            sync(args.device)
+            times[key].append((time.perf_counter() - start) * 1e3)
+            if args.device.startswith("cuda"):
+                peak[key] = max(peak[key], torch.cuda.max_memory_allocated() / 2**20)
+    if args.memory and not args.device.startswith("cuda"):
+        peak = {k: measure_memory_child(args, k) for k in keys}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem_kind = "max allocated MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(
+        f"\ntrain step, {args.device}, Llama hidden {args.hidden} x {args.layers} layers, "
+        f"batch {args.batch} x seq {args.seq}, LoRA r={args.rank}, median of {args.rounds}"
+    )
+    print(f"{'':3}{'contender':32}{'ms/step':>10}{mem_kind:>20}")
+    for k in keys:
+        mem = f"{peak[k]:.0f}" if peak[k] else "-"
+        print(f"{k:3}{NAMES[k]:32}{med[k]:10.1f}{mem:>20}")
+    labels = {
+        ("a", "d"): "a/d speed-up over PEFT eager",
+        ("b", "d"): "b/d speed-up over PEFT compiled",
+        ("d", "e"): "d/e cost over the floor",
+        ("f", "d"): "f/d DoRA step / LoRA step",
+    }
+    ratios = {
+        label: med[num] / med[den]
+        for (num, den), label in labels.items()
+        if num in med and den in med
+    }
+    if peak.get("a") and peak.get("d"):
+        ratios["peak memory d/a"] = peak["d"] / peak["a"]
+    print("\nratios:")
+    for name, value in ratios.items():
+        print(f"  {name:28}{value:6.2f}x")
+    if args.json:
+        result = {
+            "config": {k: v for k, v in vars(args).items() if k not in ("json", "only")},
+            "median_ms": med,
+            "all_ms": times,
+            "peak_mib": peak,
+            "warmup_s": compile_s,
+            "ratios": ratios,
+            "torch": torch.__version__,
+        }
+        tmp = f"{args.json}.tmp"
+        Path(tmp).write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

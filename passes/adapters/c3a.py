@@ -1,0 +1,177 @@
+"""C3A: y = base(x) + C(w)·x / d_in, C(w) a block-circulant matrix applied by FFT.
+
+Chen et al., "Parameter-Efficient Fine-Tuning via Circular Convolution" (ACL 2025).
+The weight update is (d_out/b) × (d_in/b) circulant blocks of size b, each defined by one
+length-b kernel: block (m, n) maps x_n to y_i = Σ_j w[m, n][(j − i) mod b]·x_n[j], a circular
+convolution (with the kernel reversed), computed as fft(Σ_n ifft(x_n)·fft(w[m, n])) as in PEFT.
+Parity target: PEFT C3AConfig (nn.Linear only); its default init is xavier-uniform, so the
+adapter is the identity at init only with init_weights="zeros" (PEFT's init_weights=True).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import sympy
+import torch
+from torch.fft import fft, ifft
+
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes
+from passes.adapters.registry import register
+from rewrite.sites import Site
+
+BLOCK = sympy.Symbol("b", positive=True, integer=True)
+INITS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
+# PEFT's init_weights values <-> ours: True means zeros, False means xavier-uniform.
+_FROM_PEFT = {True: "zeros", False: "xavier_uniform"}
+
+
+def circulant(w: torch.Tensor) -> torch.Tensor:
+    """The dense [m·b, n·b] matrix of kernels w [m, n, b] (PEFT's get_circulant_fast)."""
+    _, n, b = w.shape
+    eye = torch.eye(n * b, dtype=w.dtype, device=w.device).reshape(n * b, n, b)
+    x = torch.einsum("...nb,mnb->...mb", ifft(eye), fft(w))
+    return fft(x).real.flatten(start_dim=1).T
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+@register("c3a")
+@dataclass(frozen=True)
+class C3A:
+    block_size: int = 256
+    init_weights: str = "xavier_uniform"
+
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear",)
+    mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str] = "C3A"
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            raise ValueError(f"c3a: block_size must be a positive integer, got {b!r}")
+        if self.init_weights not in INITS:
+            raise ValueError(f"c3a: init_weights must be one of {INITS}, got {self.init_weights!r}")
+
+    def check(self, site: Site) -> str | None:
+        """Why this method cannot adapt `site`, or None when it can."""
+        if site.op not in self.supported_ops:
+            return f"c3a supports linear layers only (as PEFT does), not {site.op} sites"
+        b = self.block_size
+        for what, n in (("in_features", site.in_features), ("out_features", site.out_features)):
+            if n % b:
+                return (
+                    f"block_size {b} does not divide {what} {n}; pick a common divisor of "
+                    f"in_features {site.in_features} and out_features {site.out_features} "
+                    f"(their gcd is {math.gcd(site.in_features, site.out_features)})"
+                )
+        return None
+
+    def params(self, site: Site) -> dict[str, ParamSpec]:
+        b = self.block_size
+        return {"c3a_kernel": ParamSpec((site.out_features // b, site.in_features // b, b))}
+
+    def init(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        # Drawn in fp32 as PEFT does; stored in the model's dtype (forward and merge upcast to
+        # fp32 for the FFTs, so fp32 models match PEFT exactly).
+        k = torch.zeros(self.params(site)["c3a_kernel"].shape, dtype=torch.float32)
+        fan_in, fan_out = site.in_features, site.out_features
+        if self.init_weights == "gaussian":
+            k.normal_(generator=generator)
+        elif self.init_weights == "xavier_uniform":
+            a = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+            k.uniform_(-a, a, generator=generator)
+        elif self.init_weights == "kaiming_uniform":
+            a = math.sqrt(1.0 / float(fan_in))
+            k.uniform_(-a, a, generator=generator)
+        return {"c3a_kernel": k.to(W.dtype)}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ctx: SiteContext,
+    ) -> torch.Tensor:
+        # PEFT runs the FFTs in fp32. Casts are skipped when they are no-ops: a traced no-op
+        # `.to` leaves a device assertion for the meta device behind in the graph.
+        w, xf = _fp32(p["c3a_kernel"]), _fp32(x)
+        _, n, b = w.shape
+        y = fft(torch.einsum("...nb,mnb->...mb", ifft(xf.unflatten(-1, (n, b))), fft(w)))
+        y = y.real.flatten(-2) / x.shape[-1]
+        return base_out + (y if y.dtype == base_out.dtype else y.to(base_out.dtype))
+
+    def merged_weight(
+        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """W + C(w) / d_in in the site's [out, in] layout."""
+        delta = circulant(p["c3a_kernel"].to(torch.float32)).to(W.dtype)
+        return W + delta / W.shape[-1]
+
+    def cost(self, site: Site) -> Cost:
+        n_in, n_out = D_IN / BLOCK, D_OUT / BLOCK
+        fft_flops = 5 * BLOCK * sympy.log(BLOCK, 2)  # one complex length-b FFT, ~5·b·log2 b
+        # per token: n forward FFTs, m·n complex multiply-adds (8 flops), m inverse FFTs
+        flops_forward = T * ((n_in + n_out) * fft_flops + 8 * n_out * n_in * BLOCK + D_OUT)
+        return Cost(
+            params=D_IN * D_OUT / BLOCK,
+            flops_forward=flops_forward,
+            flops_backward=2 * flops_forward,
+            activation_bytes=T * D_IN * 2 * dtype_bytes(torch.float32),  # ifft(x), complex
+            symbols={D_IN: site.in_features, D_OUT: site.out_features, BLOCK: self.block_size},
+        )
+
+    def peft_keys(self, site: Site) -> dict[str, str]:
+        return {"c3a_kernel": "c3a_kernel"}
+
+    @classmethod
+    def claims_peft(cls, config: dict) -> bool:
+        return config.get("peft_type") == "C3A"
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        init = config.get("init_weights", "xavier_uniform")
+        return {
+            "block_size": int(config.get("block_size", 256)),
+            "init_weights": _FROM_PEFT.get(init, init),
+        }
+
+    @classmethod
+    def overrides_from_peft(cls, config: dict, path: str) -> dict:
+        # PEFT's C3A lookup: the first key k with re.match(rf".*\.{k}$", path), else the path.
+        import re
+
+        patterns = config.get("block_size_pattern") or {}
+        key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
+        return {"block_size": int(patterns[key])} if key in patterns else {}
+
+    @classmethod
+    def peft_config(cls, assignments: list) -> dict:
+        methods = [a.method for a in assignments]
+        base = max(methods, key=lambda m: sum(o == m for o in methods))
+        if len({m.init_weights for m in methods}) > 1:
+            raise ValueError(
+                "PEFT's C3AConfig holds one init_weights for all modules; this plan mixes "
+                "them, so it cannot be saved in PEFT format"
+            )
+        init = True if base.init_weights == "zeros" else base.init_weights
+        return {
+            "peft_type": "C3A",
+            "block_size": base.block_size,
+            "block_size_pattern": {
+                # full paths: PEFT falls back to an exact lookup of the module's path
+                a.site.path: a.method.block_size
+                for a in assignments
+                if a.method.block_size != base.block_size
+            },
+            "target_modules": sorted(a.site.path for a in assignments),
+            "bias": "none",
+            "init_weights": init,
+        }

@@ -1,0 +1,215 @@
+"""DoRA: y = (m / ‖W + s·B·A‖_row) ⊙ (W + s·B·A) x + bias, written on top of the base output.
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation" (ICML 2024). The magnitude m starts as
+the row norms of W, so with B = 0 the adapter is the identity. As in PEFT (and the paper, §4.3)
+the norm is detached from the gradient, and the base output is reused:
+y = base + (m/n − 1)·(base − bias) + (m/n)·s·B·A·x.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from passes.adapters.base import (
+    D_IN,
+    D_OUT,
+    Cost,
+    ParamSpec,
+    R,
+    SiteContext,
+    T,
+    dtype_bytes,
+    site_symbols,
+)
+from passes.adapters.lora import LoRA
+from passes.adapters.registry import register
+from rewrite.sites import Site
+
+INITS = ("kaiming", "gaussian")
+
+
+@register("dora")
+@dataclass(frozen=True)
+class DoRA:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init_weights: str = "kaiming"
+
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm", "conv1d", "conv2d", "embedding")
+    mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str] = "LORA"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"dora: rank must be a positive integer, got {self.rank!r}")
+        if (
+            not isinstance(self.alpha, int | float)
+            or isinstance(self.alpha, bool)
+            or self.alpha <= 0
+        ):
+            raise ValueError(f"dora: alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"dora: use_rslora must be true or false, got {self.use_rslora!r}")
+        if self.init_weights not in INITS:
+            raise ValueError(
+                f"dora: init_weights must be one of {INITS}, got {self.init_weights!r}"
+            )
+
+    @property
+    def lora(self) -> LoRA:
+        """The LoRA part (A, B, scaling): DoRA shares its shapes, init and PEFT names."""
+        return LoRA(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_weights)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    def check(self, site: Site) -> str | None:
+        if site.op not in self.supported_ops:
+            return f"dora does not support {site.op} sites (supported: {', '.join(self.supported_ops)})"
+        fan_in = site.in_features * math.prod(site.conv.kernel if site.conv else ())
+        if self.rank > min(fan_in, site.out_features):
+            return (
+                f"rank {self.rank} is larger than the layer allows "
+                f"(min(in={fan_in}, out={site.out_features}) = "
+                f"{min(fan_in, site.out_features)}); lower the rank"
+            )
+        if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
+            return "dora supports convolutions with groups=1 and dilation=1 only"
+        return None
+
+    def _magnitude_shape(self, site: Site) -> tuple[int, ...]:
+        if site.conv is not None:  # PEFT keeps the conv norm as [1, out, 1, ...]
+            return (1, site.out_features, *(1,) * len(site.conv.kernel))
+        return (site.out_features,)
+
+    def params(self, site: Site) -> dict[str, ParamSpec]:
+        return {**self.lora.params(site), "magnitude": ParamSpec(self._magnitude_shape(site))}
+
+    def init(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        p = self.lora.init(site, W, calib, generator)
+        with torch.no_grad():
+            m = self._weight_norm(site, W.float(), self._delta(site, W, p["lora_A"], p["lora_B"]))
+        return {**p, "magnitude": m.to(W.dtype)}
+
+    # -- maths shared by forward and merge ----------------------------------------------
+
+    def _delta(self, site: Site, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """s·B·A in W's layout: [out, in], [vocab, dim] for embeddings, [out, in, *k] for conv."""
+        s = self.scaling
+        if site.op == "embedding":
+            return (B @ A).t() * s
+        if site.conv is not None:
+            return (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(W.shape) * s
+        return (B @ A) * s
+
+    def _weight_norm(self, site: Site, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B·A‖ per output unit, shaped like the magnitude."""
+        V = W + delta
+        if site.op == "embedding":
+            return torch.linalg.norm(V.t(), dim=1)
+        if site.conv is not None:
+            return V.norm(p=2, dim=tuple(range(1, V.dim())), keepdim=True).transpose(1, 0)
+        return torch.linalg.norm(V, dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ctx: SiteContext,
+    ) -> torch.Tensor:
+        A, B, m, s = p["lora_A"], p["lora_B"], p["magnitude"], self.scaling
+        site = ctx.site
+        # Detached, as in the paper (§4.3) and PEFT: the norm gets no gradient.
+        norm = self._weight_norm(site, W, self._delta(site, W, A.detach(), B.detach())).detach()
+        scale = m / norm
+        if site.op == "embedding":
+            after_a = F.embedding(x, A.t(), padding_idx=site.padding_idx)
+            return scale * base_out + scale * (after_a @ B.t()) * s
+        dropped = self.dropout > 0 and ctx.training
+        h = F.dropout(x, self.dropout, True) if dropped else x
+        if site.conv is not None:
+            conv = F.conv1d if site.op == "conv1d" else F.conv2d
+            g = site.conv
+            lora_out = conv(conv(h, A, None, g.stride, g.padding), B)
+            if dropped:  # PEFT recomputes the base part on the dropped-out input
+                base = conv(h, W, None, g.stride, g.padding, g.dilation, g.groups)
+            elif ctx.bias is not None:
+                base = base_out - ctx.bias.view(1, -1, *(1,) * (base_out.dim() - 2))
+            else:
+                base = base_out
+            return base_out + (scale - 1) * base + scale * lora_out * s
+        lora_out = F.linear(F.linear(h, A), B)
+        if dropped:
+            base = F.linear(h, W)
+        elif ctx.bias is not None:
+            base = base_out - ctx.bias
+        else:
+            base = base_out
+        return base_out + (scale - 1) * base + scale * lora_out * s
+
+    def merged_weight(
+        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """(m / ‖W + s·B·A‖) ⊙ (W + s·B·A), the factor applied per output unit."""
+        delta = self._delta(site, W, p["lora_A"], p["lora_B"])
+        factor = p["magnitude"] / self._weight_norm(site, W, delta)
+        if site.op == "embedding":
+            return (W + delta) * factor.view(1, -1)
+        return (W + delta) * factor.reshape(-1, *(1,) * (W.dim() - 1))
+
+    def cost(self, site: Site) -> Cost:
+        k = math.prod(site.conv.kernel) if site.conv else 1
+        params = R * (D_IN * k + D_OUT) + D_OUT
+        lora_flops = 2 * T * R * (D_IN * k + D_OUT) + 2 * T * D_OUT
+        # once per step: B·A, W + s·B·A and its row norms; per token: the two rescalings.
+        norm_flops = 2 * R * D_IN * k * D_OUT + 3 * D_IN * k * D_OUT
+        flops_forward = lora_flops + norm_flops + 3 * T * D_OUT
+        activation = T * (R + D_OUT + (D_IN if self.dropout > 0 else 0))
+        return Cost(
+            params=params,
+            flops_forward=flops_forward,
+            flops_backward=2 * lora_flops + 2 * T * D_OUT,
+            activation_bytes=activation * dtype_bytes(site.dtype),
+            symbols=site_symbols(site, self.rank),
+        )
+
+    # -- PEFT checkpoints: LoraConfig(use_dora=True) -------------------------------------
+
+    def peft_keys(self, site: Site) -> dict[str, str]:
+        return {**self.lora.peft_keys(site), "magnitude": "lora_magnitude_vector"}
+
+    @classmethod
+    def claims_peft(cls, config: dict) -> bool:
+        init = config.get("init_lora_weights", True)
+        return (
+            config.get("peft_type") == "LORA"
+            and bool(config.get("use_dora", False))
+            and (init is True or init is False or init == "gaussian")
+        )
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        return LoRA.hyperparams_from_peft(config)
+
+    @classmethod
+    def overrides_from_peft(cls, config: dict, path: str) -> dict:
+        return LoRA.overrides_from_peft(config, path)
+
+    @classmethod
+    def peft_config(cls, assignments: list) -> dict:
+        as_lora = [replace(a, method=a.method.lora) for a in assignments]
+        return {**LoRA.peft_config(as_lora), "use_dora": True}

@@ -1,0 +1,279 @@
+"""EVA: LoRA whose A is the top-r principal directions of the layer's inputs, B = 0.
+
+Paischer et al., "One Initialization to Rule them All: Fine-tuning via Explained Variance
+Adaptation" (2024). Follows PEFT's `get_eva_state_dict`: an incremental PCA (randomized SVD,
+seed 42) is fed one calibration batch at a time, cycling over the batches, until every one of
+the r components has cosine similarity >= tau with its value one batch earlier; A = those
+components (divided by √singular value with `whiten`). The update B·A starts at 0, so the
+adapter is the identity at init, and it trains and merges like LoRA.
+
+Ranks are uniform here (PEFT's rho = 1). Redistributing ranks across layers by explained
+variance (rho > 1) is a placement decision: cost_model's `eva` placement strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from passes.adapters.base import Cost, ParamSpec, SiteContext
+from passes.adapters.lora import LoRA
+from passes.adapters.registry import register
+from rewrite.sites import Site
+
+MAX_PASSES = 100  # over the calibration batches; PEFT loops until convergence
+PCA_SEED = 42  # PEFT's lowrank_seed
+
+
+@register("eva")
+@dataclass(frozen=True)
+class EVA:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    tau: float = 0.99
+    whiten: bool = False
+    rho: float = 1.0
+
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
+    mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str] = "LORA"
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"eva: rank must be a positive integer, got {self.rank!r}")
+        if (
+            not isinstance(self.alpha, int | float)
+            or isinstance(self.alpha, bool)
+            or self.alpha <= 0
+        ):
+            raise ValueError(f"eva: alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"eva: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"eva: use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.tau, int | float) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"eva: tau must be in [0, 1], got {self.tau!r}")
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"eva: whiten must be true or false, got {self.whiten!r}")
+        if self.rho != 1.0:
+            raise ValueError(
+                f"eva: rho must be 1.0 (uniform ranks), got {self.rho!r}; to redistribute "
+                "ranks across layers, use the spec's placement: {strategy: eva, rho: ...}"
+            )
+
+    @property
+    def lora(self) -> LoRA:
+        return LoRA(self.rank, self.alpha, self.dropout, self.use_rslora)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    def check(self, site: Site) -> str | None:
+        if site.op not in self.supported_ops:
+            return f"eva adapts linear layers only (linear, addmm), not {site.op} sites, as in PEFT"
+        if self.rank > min(site.in_features, site.out_features):
+            return (
+                f"rank {self.rank} is larger than the layer allows "
+                f"(min(in={site.in_features}, out={site.out_features}) = "
+                f"{min(site.in_features, site.out_features)}); lower the rank"
+            )
+        return None
+
+    def params(self, site: Site) -> dict[str, ParamSpec]:
+        return self.lora.params(site)
+
+    def init(
+        self,
+        site: Site,
+        W: torch.Tensor,
+        calib: list[torch.Tensor] | None,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        shapes = self.params(site)
+        B = torch.zeros(shapes["lora_B"].shape, dtype=W.dtype)
+        if calib is None:
+            # Only when a checkpoint is loaded right after (peftc.from_peft): it holds A and B.
+            return {"lora_A": torch.zeros(shapes["lora_A"].shape, dtype=W.dtype), "lora_B": B}
+        A = eva_components(calib, self.rank, self.tau, self.whiten, site.path)
+        return {"lora_A": A.to(W.dtype), "lora_B": B}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ctx: SiteContext,
+    ) -> torch.Tensor:
+        h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
+        return base_out + F.linear(F.linear(h, p["lora_A"]), p["lora_B"]) * self.scaling
+
+    def merged_weight(
+        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return self.lora.merged_weight(site, W, p)
+
+    def cost(self, site: Site) -> Cost:
+        return self.lora.cost(site)
+
+    # -- PEFT checkpoints: LoraConfig(init_lora_weights="eva") ---------------------------
+
+    def peft_keys(self, site: Site) -> dict[str, str]:
+        return self.lora.peft_keys(site)
+
+    @classmethod
+    def claims_peft(cls, config: dict) -> bool:
+        return (
+            config.get("peft_type") == "LORA"
+            and not config.get("use_dora", False)
+            and config.get("init_lora_weights") == "eva"
+        )
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        eva = config.get("eva_config") or {}
+        # rho is not read: it shaped the ranks at init, and the checkpoint's rank_pattern
+        # already holds the ranks it chose.
+        return {
+            "rank": int(config.get("r", 8)),
+            "alpha": config.get("lora_alpha", 8),
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "tau": float(eva.get("tau", 0.99)),
+            "whiten": bool(eva.get("whiten", False)),
+        }
+
+    @classmethod
+    def overrides_from_peft(cls, config: dict, path: str) -> dict:
+        return LoRA.overrides_from_peft(config, path)
+
+    @classmethod
+    def peft_config(cls, assignments: list) -> dict:
+        methods = [a.method for a in assignments]
+        if len({(m.tau, m.whiten) for m in methods}) > 1:
+            raise ValueError(
+                "PEFT's EvaConfig holds one tau and one whiten for all modules; this plan mixes "
+                "them, so it cannot be saved in PEFT format"
+            )
+        as_lora = [replace(a, method=a.method.lora) for a in assignments]
+        return {
+            **LoRA.peft_config(as_lora),
+            "init_lora_weights": "eva",
+            "eva_config": {
+                "rho": 1.0,
+                "tau": methods[0].tau,
+                # peftc's calibration drops padded tokens (attention mask); it has no labels.
+                "use_label_mask": False,
+                "label_mask_value": -100,
+                "whiten": methods[0].whiten,
+                "adjust_scaling_factors": True,
+            },
+        }
+
+
+def eva_components(
+    calib: list[torch.Tensor], rank: int, tau: float, whiten: bool, where: str = "site"
+) -> torch.Tensor:
+    """The [rank, in] EVA init of one layer from its input rows, batch by batch (PEFT's loop)."""
+    if not calib:
+        raise ValueError(f"eva at {where}: calibration gave no batches")
+    if all(rows.shape[0] < rank for rows in calib):
+        raise ValueError(
+            f"eva at {where}: every calibration batch has fewer tokens than rank {rank}; "
+            "use larger batches or a lower rank"
+        )
+    pca = _IncrementalPCA(rank)
+    for step in range(MAX_PASSES * len(calib)):
+        rows = calib[step % len(calib)]
+        if rows.shape[0] < rank:  # PEFT skips such batches too
+            continue
+        previous = None if pca.components is None else pca.components.clone()
+        pca.partial_fit(rows.detach().to(torch.float32))
+        if previous is None:
+            continue
+        if (F.cosine_similarity(pca.components, previous) >= tau).all():
+            break
+    else:
+        raise ValueError(
+            f"eva at {where}: the input components did not settle (cosine >= tau={tau}) within "
+            f"{MAX_PASSES} passes over the calibration batches; lower tau or give more batches"
+        )
+    A = pca.components[:rank]
+    if whiten:
+        A = A / pca.singular_values[:rank].sqrt().reshape(-1, 1)
+    return A
+
+
+class _IncrementalPCA:
+    """PEFT's IncrementalPCA (after scikit-learn) with lowrank=True, seed 42: only what EVA uses.
+
+    The arithmetic, dtypes and in-place steps follow PEFT's line by line, so that the same
+    batches give the same components."""
+
+    def __init__(self, n_components: int):
+        self.n_components = n_components
+        self.q = 2 * n_components
+        self.components: torch.Tensor | None = None
+        self.singular_values: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.n_seen = torch.tensor([0])
+
+    def partial_fit(self, X: torch.Tensor) -> None:
+        X = X.clone()
+        n_samples, _ = X.shape
+        first = self.components is None
+        col_mean, col_var, total = _mean_and_var(X, self.mean, self.var, self.n_seen)
+        if first:
+            X -= col_mean
+        else:
+            batch_mean = torch.mean(X, dim=0)
+            X -= batch_mean
+            factor = torch.sqrt((self.n_seen.double() / total) * n_samples)
+            correction = factor * (self.mean - batch_mean)
+            X = torch.vstack((self.singular_values.view((-1, 1)) * self.components, X, correction))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PCA_SEED)
+            U, S, V = torch.svd_lowrank(X, q=self.q, niter=4)
+        Vt = V.mH
+        # svd_flip, decided on the rows of Vt
+        signs = torch.sign(Vt[range(Vt.shape[0]), torch.argmax(torch.abs(Vt), dim=1)])
+        Vt *= signs.view(-1, 1)
+        self.n_seen = total
+        self.components = Vt[: self.n_components]
+        self.singular_values = S[: self.n_components]
+        self.mean = col_mean
+        self.var = col_var
+
+
+def _mean_and_var(X, last_mean, last_variance, last_count):
+    """Incremental column mean and variance in float64 (PEFT's _incremental_mean_and_var)."""
+    new_count = torch.tensor([X.shape[0]])
+    updated_count = last_count + new_count
+    last_sum = (
+        torch.zeros(X.shape[1], dtype=torch.float64)
+        if last_mean is None
+        else last_mean * last_count
+    )
+    new_sum = X.sum(dim=0, dtype=torch.float64)
+    updated_mean = (last_sum + new_sum) / updated_count
+    temp = X - new_sum / new_count
+    correction = temp.sum(dim=0, dtype=torch.float64).square()
+    temp.square_()
+    new_unnormalized = temp.sum(dim=0, dtype=torch.float64) - correction / new_count
+    if last_variance is None:
+        return updated_mean, new_unnormalized / updated_count, updated_count
+    last_over_new = last_count.double() / new_count
+    updated_unnormalized = (
+        last_variance * last_count
+        + new_unnormalized
+        + last_over_new / updated_count * (last_sum / last_over_new - new_sum).square()
+    )
+    return updated_mean, updated_unnormalized / updated_count, updated_count

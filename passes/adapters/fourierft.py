@@ -1,0 +1,207 @@
+"""FourierFT: y = base(x) + x ΔWᵀ, ΔW = scaling · Re(IDFT2(S)), S sparse at fixed frequencies.
+
+Gao et al., "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform" (ICML 2024).
+S [out, in] is zero except at n_frequency entries, drawn once by
+`randperm(out·in, seed=random_loc_seed)[:n]` exactly as PEFT draws them (so PEFT checkpoints,
+which hold only the coefficients, load unchanged); only those coefficients train. Like
+PEFT, the coefficients start Gaussian (init_weights=False) or zero (init_weights=True, the
+identity).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T
+from passes.adapters.registry import register
+from rewrite.sites import Site
+
+N_FREQUENCY = sympy.Symbol("n_frequency", positive=True, integer=True)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    # aten._to_copy, not .to(): the latter traces a device assertion on the meta tensors
+    if t.dtype == torch.float32:
+        return t
+    return torch.ops.aten._to_copy.default(t, dtype=torch.float32)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else torch.ops.aten._to_copy.default(t, dtype=dtype)
+
+
+@register("fourierft")
+@dataclass(frozen=True)
+class FourierFT:
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int = 777
+    init_weights: bool = False
+
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
+    mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str] = "FOURIERFT"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n_frequency) or self.n_frequency <= 0:
+            raise ValueError(
+                f"fourierft: n_frequency must be a positive integer, got {self.n_frequency!r}"
+            )
+        if (
+            not isinstance(self.scaling, int | float)
+            or isinstance(self.scaling, bool)
+            or not math.isfinite(self.scaling)
+            or self.scaling == 0
+        ):
+            raise ValueError(
+                f"fourierft: scaling must be a finite non-zero number, got {self.scaling!r}"
+            )
+        if not _is_int(self.random_loc_seed) or self.random_loc_seed < 0:
+            raise ValueError(
+                "fourierft: random_loc_seed must be a non-negative integer, "
+                f"got {self.random_loc_seed!r}"
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(
+                f"fourierft: init_weights must be true or false, got {self.init_weights!r}"
+            )
+
+    def check(self, site: Site) -> str | None:
+        if site.op not in self.supported_ops:
+            return (
+                f"fourierft supports linear layers (nn.Linear, GPT-2 Conv1D), not {site.op} sites"
+            )
+        entries = site.in_features * site.out_features
+        if self.n_frequency > entries:
+            return (
+                f"n_frequency {self.n_frequency} is more than the layer's in·out = "
+                f"{site.in_features}·{site.out_features} = {entries} spectral entries; "
+                f"lower n_frequency to at most {entries}"
+            )
+        return None
+
+    def params(self, site: Site) -> dict[str, ParamSpec]:
+        n = self.n_frequency
+        return {
+            "fourierft_spectrum": ParamSpec((n,)),
+            # (row, column) of each coefficient in S; fixed by random_loc_seed, never saved
+            "indices": ParamSpec((2, n), trainable=False, dtype=torch.int64),
+        }
+
+    def indices(self, site: Site) -> torch.Tensor:
+        """PEFT's FourierFTLayer.update_layer draw of the frequency locations."""
+        generator = torch.Generator().manual_seed(self.random_loc_seed)
+        flat = torch.randperm(site.out_features * site.in_features, generator=generator)
+        flat = flat[: self.n_frequency]
+        return torch.stack([flat // site.in_features, flat % site.in_features], dim=0)
+
+    def init(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        if self.init_weights:
+            spectrum = torch.zeros(self.n_frequency)
+        else:
+            spectrum = torch.randn(self.n_frequency, generator=generator)
+        return {"fourierft_spectrum": spectrum.to(W.dtype), "indices": self.indices(site)}
+
+    def _delta(self, W: torch.Tensor, spectrum: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """scaling · Re(ifft2(S)) in fp32 (ifft2 has no half-precision kernels), [out, in]."""
+        dense = torch.zeros_like(W, dtype=torch.float32)
+        dense = torch.index_put(dense, (idx[0], idx[1]), _as_float32(spectrum))
+        return torch.fft.ifft2(dense).real * self.scaling
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ctx: SiteContext,
+    ) -> torch.Tensor:
+        spectrum = p["fourierft_spectrum"]
+        delta = _cast(self._delta(W, spectrum, p["indices"]), spectrum.dtype)
+        return base_out + F.linear(_cast(x, delta.dtype), delta)
+
+    def merged_weight(
+        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        idx = p["indices"].long()  # the merge pass hands every tensor over as float
+        return W + self._delta(W, p["fourierft_spectrum"], idx).to(W.dtype)
+
+    def cost(self, site: Site) -> Cost:
+        entries = D_IN * D_OUT
+        # the dense ΔW is rebuilt each step: an inverse 2-D FFT (~5·N·log2 N real flops)
+        ifft = 5 * entries * sympy.log(entries, 2)
+        flops_forward = ifft + 2 * T * entries + T * D_OUT
+        return Cost(
+            params=N_FREQUENCY,
+            flops_forward=flops_forward,
+            flops_backward=2 * flops_forward,
+            activation_bytes=entries * 4,  # ΔW in fp32, kept for the backward
+            symbols={
+                D_IN: site.in_features,
+                D_OUT: site.out_features,
+                N_FREQUENCY: self.n_frequency,
+            },
+        )
+
+    def peft_keys(self, site: Site) -> dict[str, str]:
+        return {"fourierft_spectrum": "fourierft_spectrum"}
+
+    @classmethod
+    def claims_peft(cls, config: dict) -> bool:
+        return config.get("peft_type") == "FOURIERFT"
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        return {
+            "n_frequency": config.get("n_frequency", 1000),
+            "scaling": config.get("scaling", 150.0),
+            "random_loc_seed": config.get("random_loc_seed", 777),
+            "init_weights": bool(config.get("init_weights", False)),
+        }
+
+    @classmethod
+    def overrides_from_peft(cls, config: dict, path: str) -> dict:
+        """PEFT's n_frequency_pattern: the first key that is a dotted suffix of the path (a
+        regex), else the path itself as a key."""
+        patterns = config.get("n_frequency_pattern") or {}
+        key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
+        return {"n_frequency": patterns[key]} if key in patterns else {}
+
+    @classmethod
+    def peft_config(cls, assignments: list) -> dict:
+        methods = [a.method for a in assignments]
+        for attr in ("scaling", "random_loc_seed", "init_weights"):
+            if len({getattr(m, attr) for m in methods}) > 1:
+                raise ValueError(
+                    f"PEFT's FourierFTConfig holds one {attr} for all modules; this plan mixes "
+                    "them, so it cannot be saved in PEFT format"
+                )
+        base = methods[0]
+        n = Counter(m.n_frequency for m in methods).most_common(1)[0][0]
+        return {
+            "peft_type": "FOURIERFT",
+            "n_frequency": n,
+            "n_frequency_pattern": {
+                a.site.path: a.method.n_frequency for a in assignments if a.method.n_frequency != n
+            },
+            "scaling": base.scaling,
+            "random_loc_seed": base.random_loc_seed,
+            "init_weights": base.init_weights,
+            "target_modules": sorted(a.site.path for a in assignments),
+            "fan_in_fan_out": all(a.site.op == "addmm" for a in assignments),
+            "bias": "none",
+        }

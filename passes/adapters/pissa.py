@@ -1,0 +1,251 @@
+"""PiSSA: LoRA initialised from the principal singular vectors of W; W becomes the residual.
+
+Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+Language Models" (NeurIPS 2024). With W = U·S·Vᵀ: A₀ = √(S_r/s)·V_rᵀ, B₀ = U_r·√(S_r/s), and
+PEFT rewrites the base weight to W_res = W − s·B₀·A₀.
+
+peftc never touches the user's weights. It keeps A₀, B₀ as frozen tensors and computes
+    y = W·x + s·(B·A − B₀·A₀)·x = W·x + s·[B, −B₀]·[A; A₀]·x,
+which equals W_res·x + s·B·A·x. A frozen pair costs r·(in + out) numbers per site where a
+frozen residual weight would cost in·out, and the stacked form is one rank-2r LoRA: exactly
+the converted adapter PEFT writes with `path_initial_model_for_weight_conversion`. So
+`save_adapter` writes that converted form (a plain LoRA that applies to the original base),
+and loading reads both it and PEFT's raw PiSSA checkpoints (rank r, A₀/B₀ rebuilt from W).
+
+`ResidualLoRA` holds everything but the init; CorDA (corda.py) shares it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from passes.adapters.base import (
+    D_IN,
+    D_OUT,
+    Cost,
+    ParamSpec,
+    R,
+    SiteContext,
+    T,
+    dtype_bytes,
+    site_symbols,
+)
+from passes.adapters.lora import LoRA
+from passes.adapters.registry import register
+from rewrite.sites import Site
+
+
+@dataclass(frozen=True)
+class ResidualLoRA:
+    """A LoRA whose initial product s·B₀·A₀ is taken out of the base weight (frozen A₀, B₀)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
+    mergeable: ClassVar[bool] = True
+    peft_type: ClassVar[str] = "LORA"
+    name: ClassVar[str] = "residual_lora"  # each registered subclass gets its own
+
+    def __post_init__(self) -> None:
+        n = self.name
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"{n}: rank must be a positive integer, got {self.rank!r}")
+        if (
+            not isinstance(self.alpha, int | float)
+            or isinstance(self.alpha, bool)
+            or self.alpha <= 0
+        ):
+            raise ValueError(f"{n}: alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{n}: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"{n}: use_rslora must be true or false, got {self.use_rslora!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def check(self, site: Site) -> str | None:
+        if site.op not in self.supported_ops:
+            return (
+                f"{self.name} adapts linear layers only (linear, addmm), not {site.op} sites, "
+                "as in PEFT"
+            )
+        if self.rank > min(site.in_features, site.out_features):
+            return (
+                f"rank {self.rank} is larger than the layer allows "
+                f"(min(in={site.in_features}, out={site.out_features}) = "
+                f"{min(site.in_features, site.out_features)}); lower the rank"
+            )
+        return None
+
+    def params(self, site: Site) -> dict[str, ParamSpec]:
+        r, d_in, d_out = self.rank, site.in_features, site.out_features
+        return {
+            "lora_A": ParamSpec((r, d_in)),
+            "lora_B": ParamSpec((d_out, r)),
+            "lora_A0": ParamSpec((r, d_in), trainable=False),
+            "lora_B0": ParamSpec((d_out, r), trainable=False),
+        }
+
+    def init(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        A0, B0 = self.factors(site, W, calib, generator)  # each subclass derives them its way
+        A0, B0 = A0.to(W.dtype).contiguous(), B0.to(W.dtype).contiguous()
+        return {"lora_A": A0.clone(), "lora_B": B0.clone(), "lora_A0": A0, "lora_B0": B0}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        ctx: SiteContext,
+    ) -> torch.Tensor:
+        A, B, A0, B0, s = p["lora_A"], p["lora_B"], p["lora_A0"], p["lora_B0"], self.scaling
+        if self.dropout > 0 and ctx.training:
+            # Dropout acts on the adapter's input only; the residual part is base weight.
+            h = F.dropout(x, self.dropout, True)
+            return base_out + F.linear(F.linear(h, A), B) * s - F.linear(F.linear(x, A0), B0) * s
+        stacked_A = torch.cat([A, A0], dim=0)
+        stacked_B = torch.cat([B, -B0], dim=1)
+        return base_out + F.linear(F.linear(x, stacked_A), stacked_B) * s
+
+    def merged_weight(
+        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """W_res + s·B·A with W_res = W − s·B₀·A₀, in [out, in] layout."""
+        s = self.scaling
+        return W - (p["lora_B0"] @ p["lora_A0"]) * s + (p["lora_B"] @ p["lora_A"]) * s
+
+    def cost(self, site: Site) -> Cost:
+        # Trainable: A and B. Forward: the stacked rank-2r LoRA.
+        flops_forward = 2 * T * 2 * R * (D_IN + D_OUT) + 2 * T * D_OUT
+        return Cost(
+            params=R * (D_IN + D_OUT),
+            flops_forward=flops_forward,
+            flops_backward=2 * flops_forward,
+            activation_bytes=T
+            * (2 * R + (D_IN if self.dropout > 0 else 0))
+            * dtype_bytes(site.dtype),
+            symbols=site_symbols(site, self.rank),
+        )
+
+    # -- PEFT checkpoints ----------------------------------------------------------------
+
+    def peft_keys(self, site: Site) -> dict[str, str]:
+        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def peft_tensors(self, site: Site, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The converted form: ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀], a rank-2r LoRA."""
+        return {
+            "lora_A.weight": torch.cat([p["lora_A"], p["lora_A0"]], dim=0),
+            "lora_B.weight": torch.cat([p["lora_B"], -p["lora_B0"]], dim=1),
+        }
+
+    def params_from_peft(
+        self, site: Site, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Read the converted form (rank 2r) or PEFT's raw form (rank r, A₀/B₀ from init)."""
+        A, B, r = tensors["lora_A.weight"], tensors["lora_B.weight"], self.rank
+        if A.shape[0] == 2 * r and B.shape[1] == 2 * r:
+            return {"lora_A": A[:r], "lora_A0": A[r:], "lora_B": B[:, :r], "lora_B0": -B[:, r:]}
+        if A.shape[0] == r and B.shape[1] == r:
+            return {"lora_A": A, "lora_B": B}
+        raise ValueError(
+            f"{self.name} at {site.path}: checkpoint lora_A {tuple(A.shape)} / lora_B "
+            f"{tuple(B.shape)} fit neither rank {r} (PEFT's raw form) nor rank {2 * r} (the "
+            "converted form); compile with the rank the adapter was trained with"
+        )
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        return {
+            "rank": int(config.get("r", 8)),
+            "alpha": config.get("lora_alpha", 8),
+            "dropout": float(config.get("lora_dropout", 0.0)),
+            "use_rslora": bool(config.get("use_rslora", False)),
+        }
+
+    @classmethod
+    def overrides_from_peft(cls, config: dict, path: str) -> dict:
+        return LoRA.overrides_from_peft(config, path)
+
+    @classmethod
+    def peft_config(cls, assignments: list) -> dict:
+        """PEFT's converted config: a plain LoRA of rank 2r with the same scaling."""
+
+        def converted(m: ResidualLoRA) -> LoRA:
+            # s = alpha/r (or alpha/√r): doubling r needs alpha·2 (or alpha·√2) to keep s.
+            alpha = m.alpha * (math.sqrt(2) if m.use_rslora else 2)
+            return LoRA(rank=2 * m.rank, alpha=alpha, dropout=m.dropout, use_rslora=m.use_rslora)
+
+        return LoRA.peft_config([replace(a, method=converted(a.method)) for a in assignments])
+
+
+@register("pissa")
+@dataclass(frozen=True)
+class PiSSA(ResidualLoRA):
+    """`niter`: None for the exact SVD (init_lora_weights="pissa"), or the subspace iterations
+    of a randomized SVD ("pissa_niter_N"), seeded from the spec's seed."""
+
+    niter: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.niter is not None and (
+            not isinstance(self.niter, int) or isinstance(self.niter, bool) or self.niter < 0
+        ):
+            raise ValueError(
+                f"pissa: niter must be null (exact SVD) or an integer >= 0, got {self.niter!r}"
+            )
+
+    def factors(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # PEFT's pissa_init, on the [out, in] weight in fp32.
+        weight = W.detach().to(torch.float32)
+        r = self.rank
+        if self.niter is None:
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            Ur, Sr, Vhr = U[:, :r], S[:r], Vh[:r]
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                Ur, Sr, V = torch.svd_lowrank(weight, r, niter=self.niter)
+            Vhr = V.t()
+        Sr = Sr / self.scaling
+        A0 = torch.diag(torch.sqrt(Sr)) @ Vhr
+        B0 = Ur @ torch.diag(torch.sqrt(Sr))
+        return A0, B0
+
+    @classmethod
+    def claims_peft(cls, config: dict) -> bool:
+        init = config.get("init_lora_weights")
+        return (
+            config.get("peft_type") == "LORA"
+            and not config.get("use_dora", False)
+            and isinstance(init, str)
+            and init.startswith("pissa")
+        )
+
+    @classmethod
+    def hyperparams_from_peft(cls, config: dict) -> dict:
+        init = config["init_lora_weights"]
+        niter = None
+        if init != "pissa":
+            head, sep, tail = init.partition("_niter_")
+            if head != "pissa" or not sep or not tail.isdigit():
+                raise ValueError(f"init_lora_weights {init!r} is not 'pissa' or 'pissa_niter_<N>'")
+            niter = int(tail)
+        return {**super().hyperparams_from_peft(config), "niter": niter}

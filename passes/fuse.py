@@ -1,0 +1,164 @@
+"""Fusion passes over adapter subgraphs.
+
+- `fuse_siblings`: adapters whose first matmul reads the same input (q/k/v, gate/up, GPT-2's
+  packed c_attn) become one matmul over the concatenated A matrices, then a split. The A
+  tensors stay separate parameters (the cat is in the graph, Inductor folds it), so
+  checkpoint keys do not change. Inputs behind dropout differ per site, so masks are never
+  shared: such adapters simply do not group.
+- `fold_scale`: `base + (h @ Bᵀ) · s` becomes `add(base, h @ Bᵀ, alpha=s)`, the scale moving
+  into the epilogue of the B matmul.
+- `drop_identity_dropout`: dropout with p = 0, or in eval mode, is removed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx
+
+from rewrite.passes import PassResult, RuleSet, RuleStats
+from rewrite.program import PARAMETER, Program
+
+aten = torch.ops.aten
+
+
+def _adapter_node(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get("peftc"))
+
+
+class FuseSiblings:
+    """Group adapter `linear(x, A_i)` nodes by their input x; fuse groups of two or more."""
+
+    name = "fuse_siblings"
+    requires: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.stats = {}
+
+    def __call__(self, program: Program) -> PassResult:
+        stats = RuleStats()
+        self.stats = {"fuse_shared_input_matmuls": stats}
+        params = {s.name for s in program.slots if s.kind == PARAMETER}
+        groups: dict[torch.fx.Node, list[torch.fx.Node]] = defaultdict(list)
+        for node in program.graph.nodes:
+            if (
+                node.op != "call_function"
+                or node.target != aten.linear.default
+                or not _adapter_node(node)
+            ):
+                continue
+            x, weight = node.args[0], node.args[1]
+            if len(node.args) > 2 and node.args[2] is not None:
+                stats.declines["adapter matmul has a bias"] += 1
+                continue
+            if not isinstance(weight, torch.fx.Node) or weight.name not in params:
+                continue  # a second (B) matmul or a derived weight: not a first-stage A matmul
+            if _adapter_node(x):
+                continue  # reads an adapter value (dropout output, A-stage result): per-site input
+            groups[x].append(node)
+        modified = False
+        graph = program.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for x, nodes in groups.items():
+            if len(nodes) < 2:
+                stats.declines["no sibling adapter reads this input"] += 1
+                continue
+            weights = [n.args[1] for n in nodes]
+            ranks = [_rank_of(n) for n in nodes]
+            first = min(nodes, key=order.__getitem__)
+            tag = {
+                "site": ",".join(n.meta["peftc"]["site"] for n in nodes),
+                "method": "fused",
+                "role": "fused",
+            }
+            with graph.inserting_before(first):
+                cat = graph.call_function(aten.cat.default, (weights, 0))
+                fused = graph.call_function(aten.linear.default, (x, cat))
+                split = graph.call_function(aten.split_with_sizes.default, (fused, ranks, -1))
+                parts = [
+                    graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))
+                ]
+            for new in (cat, fused, split, *parts):
+                new.meta["peftc"] = dict(tag)
+            for node, part in zip(nodes, parts, strict=True):
+                node.replace_all_uses_with(part)
+                graph.erase_node(node)
+            stats.matches += 1
+            modified = True
+        if modified:
+            graph.lint()
+            program.graph_module.recompile()
+        return PassResult(program.graph_module, modified)
+
+
+def _rank_of(node: torch.fx.Node) -> int:
+    """The output width of an adapter A matmul, from the snippet's traced shape."""
+    return int(node.meta["val"].shape[-1])
+
+
+class FoldScaleRule:
+    """Pattern: add(base, mul(adapter matmul, s)) with a scalar s. Rewrite: add(..., alpha=s)."""
+
+    name = "fold_scale_into_add"
+
+    def matches(self, node: torch.fx.Node) -> bool:
+        return (
+            node.op == "call_function"
+            and node.target == aten.add.Tensor
+            and _adapter_node(node)
+            and len(node.args) == 2
+            and isinstance(node.args[1], torch.fx.Node)
+            and node.args[1].target == aten.mul.Tensor
+        )
+
+    def check(self, node: torch.fx.Node) -> str | None:
+        mul = node.args[1]
+        if not isinstance(mul.args[1], int | float):
+            return "scale is a tensor, not a constant"
+        if len(mul.users) != 1:
+            return "scaled value has other users"
+        if node.kwargs.get("alpha", 1) != 1:
+            return "add already has an alpha"
+        if not isinstance(mul.args[0], torch.fx.Node) or mul.args[0].target not in (
+            aten.linear.default,
+            aten.conv1d.default,
+            aten.conv2d.default,
+            aten.matmul.default,
+        ):
+            return "scaled value is not a matmul"
+        return None
+
+    def rewrite(self, node: torch.fx.Node) -> None:
+        mul = node.args[1]
+        node.args = (node.args[0], mul.args[0])
+        node.kwargs = {**node.kwargs, "alpha": mul.args[1]}
+        node.graph.erase_node(mul)
+
+
+class DropIdentityDropoutRule:
+    """Pattern: an adapter's dropout. Rewrite: its input, when p = 0 or in eval mode."""
+
+    name = "drop_identity_dropout"
+
+    def matches(self, node: torch.fx.Node) -> bool:
+        return (
+            node.op == "call_function"
+            and node.target == aten.dropout.default
+            and _adapter_node(node)
+        )
+
+    def check(self, node: torch.fx.Node) -> str | None:
+        p, train = node.args[1], node.args[2]
+        if p > 0 and train:
+            return "dropout is live (p > 0 in training)"
+        return None
+
+    def rewrite(self, node: torch.fx.Node) -> None:
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+
+
+def fold_scale() -> RuleSet:
+    return RuleSet("fold_scale", [FoldScaleRule(), DropIdentityDropoutRule()])
