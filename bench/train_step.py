@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         ratios["peak memory d/a"] = peak["d"] / peak["a"]
     print("\nratios:")
     for name, value in ratios.items():
-        print(f"  {name:28}{value:6.2f}x")
+        print(f"  {name:34}{value:6.2f}x")
     if args.json:
         result = {
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "only")},

@@ -6,6 +6,7 @@ not subclasses of anything. These small records are what they exchange with the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -84,3 +85,12 @@ def site_symbols(site: Site, rank: int) -> dict:
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def peft_pattern_value(patterns: dict, path: str):
+    """PEFT's rank_pattern/alpha_pattern lookup (get_pattern_key): the value of the first
+    key that matches a dotted suffix of the module path, or None."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None

@@ -11,7 +11,6 @@ starts as the identity. Parity target: PEFT DeloraConfig (nn.Linear only).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,6 +26,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    peft_pattern_value,
     site_symbols,
 )
 from passes.adapters.registry import register
@@ -147,8 +147,8 @@ class DeLoRA:
     @classmethod
     def overrides_from_peft(cls, config: dict, path: str) -> dict:
         out = {}
-        rank = _pattern_value(config.get("rank_pattern") or {}, path)
-        lam = _pattern_value(config.get("lambda_pattern") or {}, path)
+        rank = peft_pattern_value(config.get("rank_pattern") or {}, path)
+        lam = peft_pattern_value(config.get("lambda_pattern") or {}, path)
         if rank is not None:
             out["rank"] = int(rank)
         if lam is not None:
@@ -181,11 +181,3 @@ class DeLoRA:
             },
             "bias": "none",
         }
-
-
-def _pattern_value(patterns: dict, path: str):
-    """PEFT's get_pattern_key: the first key matching a dotted suffix of the path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return None

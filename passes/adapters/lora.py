@@ -23,6 +23,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    peft_pattern_value,
     site_symbols,
 )
 from passes.adapters.registry import register
@@ -189,8 +190,8 @@ class LoRA:
     @classmethod
     def overrides_from_peft(cls, config: dict, path: str) -> dict:
         out = {}
-        rank = _pattern_value(config.get("rank_pattern") or {}, path)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
+        rank = peft_pattern_value(config.get("rank_pattern") or {}, path)
+        alpha = peft_pattern_value(config.get("alpha_pattern") or {}, path)
         if rank is not None:
             out["rank"] = int(rank)
         if alpha is not None:
@@ -224,13 +225,3 @@ class LoRA:
             "init_lora_weights": "gaussian" if base.init_weights == "gaussian" else True,
             "use_dora": False,
         }
-
-
-def _pattern_value(patterns: dict, path: str):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching a dotted suffix."""
-    import re
-
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return None

