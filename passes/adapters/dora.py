@@ -26,7 +26,7 @@ from passes.adapters.base import (
     dtype_bytes,
     site_symbols,
 )
-from passes.adapters.lora import LoRA
+from passes.adapters.lora import LoRA, validate_lora_fields
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -47,18 +47,7 @@ class DoRA:
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"dora: rank must be a positive integer, got {self.rank!r}")
-        if (
-            not isinstance(self.alpha, int | float)
-            or isinstance(self.alpha, bool)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"dora: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"dora: use_rslora must be true or false, got {self.use_rslora!r}")
+        validate_lora_fields("dora", self.rank, self.alpha, self.dropout, self.use_rslora)
         if self.init_weights not in INITS:
             raise ValueError(
                 f"dora: init_weights must be one of {INITS}, got {self.init_weights!r}"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Cost, ParamSpec, SiteContext
-from passes.adapters.lora import LoRA
+from passes.adapters.lora import LoRA, validate_lora_fields
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -45,18 +45,7 @@ class EVA:
     needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"eva: rank must be a positive integer, got {self.rank!r}")
-        if (
-            not isinstance(self.alpha, int | float)
-            or isinstance(self.alpha, bool)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"eva: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"eva: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"eva: use_rslora must be true or false, got {self.use_rslora!r}")
+        validate_lora_fields("eva", self.rank, self.alpha, self.dropout, self.use_rslora)
         if not isinstance(self.tau, int | float) or not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"eva: tau must be in [0, 1], got {self.tau!r}")
         if not isinstance(self.whiten, bool):

@@ -32,6 +32,20 @@ from rewrite.sites import Site
 INITS = ("kaiming", "gaussian")
 
 
+def validate_lora_fields(
+    method: str, rank: object, alpha: object, dropout: object, use_rslora: object
+) -> None:
+    """The checks every LoRA-family method makes of LoRA's own hyperparameters."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"{method}: rank must be a positive integer, got {rank!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+        raise ValueError(f"{method}: alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{method}: dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"{method}: use_rslora must be true or false, got {use_rslora!r}")
+
+
 @register("lora")
 @dataclass(frozen=True)
 class LoRA:
@@ -46,12 +60,7 @@ class LoRA:
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"lora: rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"lora: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        validate_lora_fields(self.name, self.rank, self.alpha, self.dropout, self.use_rslora)
         if self.init_weights not in INITS:
             raise ValueError(
                 f"lora: init_weights must be one of {INITS}, got {self.init_weights!r}"

@@ -35,7 +35,7 @@ from passes.adapters.base import (
     dtype_bytes,
     site_symbols,
 )
-from passes.adapters.lora import LoRA
+from passes.adapters.lora import LoRA, validate_lora_fields
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -55,19 +55,7 @@ class ResidualLoRA:
     name: ClassVar[str] = "residual_lora"  # each registered subclass gets its own
 
     def __post_init__(self) -> None:
-        n = self.name
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"{n}: rank must be a positive integer, got {self.rank!r}")
-        if (
-            not isinstance(self.alpha, int | float)
-            or isinstance(self.alpha, bool)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"{n}: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{n}: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"{n}: use_rslora must be true or false, got {self.use_rslora!r}")
+        validate_lora_fields(self.name, self.rank, self.alpha, self.dropout, self.use_rslora)
 
     @property
     def scaling(self) -> float:
