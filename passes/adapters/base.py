@@ -94,3 +94,13 @@ def peft_pattern_value(patterns: dict, path: str):
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return None
+
+
+def require_uniform(methods: list, attrs: tuple[str, ...], peft_config: str) -> None:
+    """PEFT configs hold one value per hyperparameter; refuse a plan that mixes them."""
+    for attr in attrs:
+        if len({getattr(m, attr) for m in methods}) > 1:
+            raise ValueError(
+                f"PEFT's {peft_config} holds one {attr} for all modules; this plan mixes them, "
+                "so it cannot be saved in PEFT format"
+            )

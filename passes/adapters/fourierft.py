@@ -20,7 +20,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, require_uniform
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -184,12 +184,7 @@ class FourierFT:
     @classmethod
     def peft_config(cls, assignments: list) -> dict:
         methods = [a.method for a in assignments]
-        for attr in ("scaling", "random_loc_seed", "init_weights"):
-            if len({getattr(m, attr) for m in methods}) > 1:
-                raise ValueError(
-                    f"PEFT's FourierFTConfig holds one {attr} for all modules; this plan mixes "
-                    "them, so it cannot be saved in PEFT format"
-                )
+        require_uniform(methods, ("scaling", "random_loc_seed", "init_weights"), "FourierFTConfig")
         base = methods[0]
         n = Counter(m.n_frequency for m in methods).most_common(1)[0][0]
         return {

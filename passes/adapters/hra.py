@@ -28,6 +28,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
@@ -188,12 +189,7 @@ class HRA:
     @classmethod
     def peft_config(cls, assignments: list) -> dict:
         methods = [a.method for a in assignments]
-        for attr in ("rank", "apply_GS", "init_weights"):
-            if len({getattr(m, attr) for m in methods}) > 1:
-                raise ValueError(
-                    f"PEFT's HRAConfig holds one {attr} for all modules; this plan mixes "
-                    "them, so it cannot be saved in PEFT format"
-                )
+        require_uniform(methods, ("rank", "apply_GS", "init_weights"), "HRAConfig")
         base = methods[0]
         return {
             "peft_type": "HRA",

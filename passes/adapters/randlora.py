@@ -30,6 +30,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
@@ -293,12 +294,11 @@ class RandLoRA:
     @classmethod
     def peft_config(cls, assignments: list) -> dict:
         methods = [a.method for a in assignments]
-        for attr in ("rank", "alpha", "dropout", "projection_prng_key", "save_projection"):
-            if len({getattr(m, attr) for m in methods}) > 1:
-                raise ValueError(
-                    f"PEFT's RandLoraConfig holds one {attr} for all modules; this plan mixes "
-                    "them, so it cannot be saved in PEFT format"
-                )
+        require_uniform(
+            methods,
+            ("rank", "alpha", "dropout", "projection_prng_key", "save_projection"),
+            "RandLoraConfig",
+        )
         base = methods[0]
         init = Counter(m.init_weights for m in methods).most_common(1)[0][0]
         return {

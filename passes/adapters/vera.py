@@ -28,6 +28,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
@@ -224,12 +225,11 @@ class VeRA:
     @classmethod
     def peft_config(cls, assignments: list) -> dict:
         methods = [a.method for a in assignments]
-        for attr in ("rank", "dropout", "projection_prng_key", "save_projection", "init_weights"):
-            if len({getattr(m, attr) for m in methods}) > 1:
-                raise ValueError(
-                    f"PEFT's VeraConfig holds one {attr} for all modules; this plan mixes them, "
-                    "so it cannot be saved in PEFT format"
-                )
+        require_uniform(
+            methods,
+            ("rank", "dropout", "projection_prng_key", "save_projection", "init_weights"),
+            "VeraConfig",
+        )
         base = methods[0]
         d_initial = Counter(m.d_initial for m in methods).most_common(1)[0][0]
         return {
