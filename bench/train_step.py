@@ -11,6 +11,7 @@ medians. Contenders:
   e  floor: the compiled base model, forward + backward, no adapters, no weight gradients
      (input embeddings require grad, so the backward runs through every layer)
   f  peftc DoRA compiled (r=16)
+  g  d with the optimizer step compiled too (torch.compile of AdamW.step)
 Peak memory: max allocated per step on GPU. On CPU (`--memory`), each contender runs alone in a
 fresh child process whose large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so RSS
 follows live tensors; the figure is the peak RSS during three steps above the RSS at rest
@@ -47,6 +48,7 @@ NAMES = {
     "d": "peftc compiled, fused",
     "e": "floor: compiled base fwd+bwd",
     "f": "peftc DoRA compiled",
+    "g": "d + compiled optimizer step",
 }
 
 
@@ -97,7 +99,7 @@ def make_contender(key, base, args, x):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).train()
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model) if key == "b" else model
-    elif key in ("c", "d", "f"):
+    elif key in ("c", "d", "f", "g"):
         model = peftc.compile(copy.deepcopy(base), spec, x, fuse=key != "c").train()
         model.compile_for_training()
         params = model.trainable_parameters()
@@ -113,11 +115,12 @@ def make_contender(key, base, args, x):
             lm_loss(logits, x["input_ids"]).backward()
 
         return floor_step
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4) if key == "g" else 1e-4)
+    opt_step = torch.compile(opt.step, fullgraph=False) if key == "g" else opt.step
 
     def step():
         lm_loss(run(**x).logits, x["input_ids"]).backward()
-        opt.step()
+        opt_step()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -233,6 +236,7 @@ def main(argv=None) -> int:
         ("b", "d"): "b/d speed-up over PEFT compiled",
         ("d", "e"): "d/e cost over the floor",
         ("f", "d"): "f/d DoRA step / LoRA step",
+        ("g", "d"): "g/d compiled optimizer step",
     }
     ratios = {
         label: med[num] / med[den]
