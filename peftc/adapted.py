@@ -21,7 +21,7 @@ from rewrite.passes import PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.sites import SiteIndex, find_sites
 from rewrite.spec import AdaptationSpec
-from rewrite.trace import bind_call, bind_inputs, check_inputs, trace
+from rewrite.trace import bind_call, check_inputs, trace
 from rewrite.unlift import unlift
 
 
@@ -38,7 +38,10 @@ class AdaptedModel(torch.nn.Module):
         debug: bool | None = None,
         loading: bool = False,
         fuse: bool = True,
+        eval_program: Program | None = None,
     ):
+        """`calibration` is a list of batches already bound to input names; `eval_program`
+        an un-rewritten eval-mode trace to reuse for it (else one is traced when needed)."""
         super().__init__()
         self.base = model
         model.requires_grad_(False)
@@ -53,7 +56,9 @@ class AdaptedModel(torch.nn.Module):
         self.pass_records: list[PassRecord] = []
         captured = None
         if calibration is not None:
-            captured = self._calibrate(calibration, None if program.training else program)
+            captured = self._calibrate(
+                calibration, eval_program or (None if program.training else program)
+            )
         create_adapter_tensors(
             plan.assignments, self.state(), self.adapters, spec.seed, captured, loading=loading
         )
@@ -78,7 +83,7 @@ class AdaptedModel(torch.nn.Module):
             self.state(),
             find_sites(program),
             paths,
-            [bind_inputs(self.base, b) for b in batches],
+            batches,
             lambda path, rows: captured[path].append(rows),
             desc="calibrating adapter init",
         )

@@ -50,6 +50,7 @@ def _compile_traced(
         debug,
         loading=loading,
         fuse=fuse,
+        eval_program=None if scoring.training else scoring,
     )
 
 
