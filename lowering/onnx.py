@@ -177,6 +177,26 @@ def staged(path: str | os.PathLike):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notices that concern optional packages (torchvision ops not
+    registered) and its deprecation chatter; errors still raise."""
+    import warnings
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            # input_ids and attention_mask share the batch/sequence dims; the exporter says so
+            warnings.filterwarnings("ignore", message=".*The axis name: .* will not be used")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _save(program, path: Path, external: bool) -> None:
     program.save(str(path), external_data=external)
 
@@ -213,9 +233,9 @@ def export_module(
     outs = output_names(reference)
     dynamic_shapes = _dynamic_shapes(inputs, dynamic)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
-                _Flat(module, names),
+                _Flat(module, names).eval(),
                 tuple(inputs.values()),
                 dynamo=True,
                 input_names=names,
