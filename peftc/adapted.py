@@ -15,7 +15,6 @@ from cost_model.plan import Plan
 from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
-from passes.fuse_gemm import lora_into_base_gemm
 from passes.merge import MergeAdapters, merged_weights
 from rewrite.capture import capture_site_inputs
 from rewrite.passes import PassManager, PassRecord
@@ -92,10 +91,10 @@ class AdaptedModel(torch.nn.Module):
 
     # -- graphs -------------------------------------------------------------------------
 
-    def _rewrite(self, program: Program, sites: SiteIndex, in_gemm: bool = False) -> Program:
+    def _rewrite(self, program: Program, sites: SiteIndex) -> Program:
         passes = [insert_adapters(program, sites, self.plan.assignments)]
         if self._fuse:
-            passes += [fold_scale(), *([lora_into_base_gemm()] if in_gemm else []), FuseSiblings()]
+            passes += [fold_scale(), FuseSiblings()]
         manager = PassManager([*passes, Cleanup()], debug=self._debug)
         manager.run(program, keep_diffs=True)
         if not self.pass_records:  # the pipeline as run at compile time
@@ -127,10 +126,7 @@ class AdaptedModel(torch.nn.Module):
         program = self.program()
         inputs = bind_call(self.base, args, kwargs)
         check_inputs(program, inputs)
-        if program.training in self._compiled:
-            compiled_program, runner = self._compiled[program.training]
-            return compiled_program.run(self.state(), inputs, runner)
-        return program.run(self.state(), inputs)
+        return program.run(self.state(), inputs, self._compiled.get(program.training))
 
     def compile_for_training(
         self,
@@ -139,17 +135,11 @@ class AdaptedModel(torch.nn.Module):
         activation_checkpointing: bool = False,
     ) -> AdaptedModel:
         """Compile the training graph with Inductor (Triton on GPU, C++ on CPU), fullgraph,
-        dynamic batch and sequence. Returns self; training-mode calls then run compiled.
-
-        The compiled graph is rewritten once more with LoRA adapters inside their base GEMMs
-        (`passes/fuse_gemm.py`, when fusion is on); the eager graphs keep the plain form."""
+        dynamic batch and sequence. Returns self; training-mode calls then run compiled."""
         from lowering.inductor import compile_program
 
-        traced = trace(self.base, self._example_inputs, training=True)
-        program = self._rewrite(traced, find_sites(traced), in_gemm=True)
-        self._compiled[True] = (
-            program,
-            compile_program(program, mode, dynamic, activation_checkpointing),
+        self._compiled[True] = compile_program(
+            self.program(training=True), mode, dynamic, activation_checkpointing
         )
         return self
 
