@@ -7,6 +7,7 @@ separately traced graphs (dropout differs), built from the same plan and sharing
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -165,7 +166,7 @@ class AdaptedModel(torch.nn.Module):
         ]
         for a in self.plan:
             n = sum(
-                _numel(s.shape)
+                math.prod(s.shape)
                 for s in a.method.params(a.site).values()
                 if s.trainable and not s.shared
             )
@@ -213,10 +214,3 @@ class AdaptedModel(torch.nn.Module):
         from lowering.onnx import export_merged
 
         return export_merged(self, path, dtype=dtype, opset=opset, dynamic=dynamic)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

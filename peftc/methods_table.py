@@ -5,6 +5,7 @@ python -m peftc.methods_table      # prints the Markdown table
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -43,14 +44,7 @@ def _trainable_4096(cls: type) -> int:
     bind = getattr(cls, "bind_plan", None)
     if bind is not None:
         method = bind([Assignment(site, method, 0)])[0].method
-    return sum(_numel(spec.shape) for spec in method.params(site).values() if spec.trainable)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sum(math.prod(spec.shape) for spec in method.params(site).values() if spec.trainable)
 
 
 def methods_table() -> str:

@@ -7,7 +7,6 @@ Sites are keyed by module path; a module called twice is one site with two nodes
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -57,13 +56,6 @@ class Site:
     conv: ConvGeometry | None = None
     padding_idx: int | None = None
 
-    @property
-    def param_count(self) -> int:
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n
-
 
 @dataclass
 class SiteIndex:
@@ -83,9 +75,6 @@ class SiteIndex:
 
     def module_types(self) -> list[str]:
         return sorted({s.module_type for s in self.sites.values()})
-
-    def select(self, pattern: str) -> list[Site]:
-        return [s for s in self.sites.values() if fnmatch.fnmatchcase(s.path, pattern)]
 
 
 def module_path(node: torch.fx.Node, fallback: str) -> tuple[str, str]:

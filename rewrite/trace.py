@@ -15,7 +15,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -227,7 +226,3 @@ def check_inputs(program: Program, inputs: Mapping[str, Any]) -> None:
                 f"input {name!r} has shape {tuple(t.shape)}, expected {want} "
                 "(* marks a dynamic dim). Re-compile with example inputs of this shape."
             )
-
-
-def flatten_outputs(value: Any) -> list[Any]:
-    return pytree.tree_leaves(value)

@@ -9,6 +9,7 @@ Pictures need Graphviz's `dot`; without it the report says how to install it ins
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,7 +139,7 @@ def _plan(adapted: Any) -> str:
     for rule in spec.adapters:
         taken = [a for a in plan if a.rule == rule.index]
         n = sum(
-            _numel(s.shape)
+            math.prod(s.shape)
             for a in taken
             for s in a.method.params(a.site).values()
             if s.trainable and not s.shared
@@ -151,13 +152,6 @@ def _plan(adapted: Any) -> str:
     out.append("<h3>NFN heatmap</h3>")
     out.append(_heatmap(adapted))
     return "\n".join(out)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _diff_html(diff: str) -> str:

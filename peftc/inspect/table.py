@@ -7,7 +7,8 @@ paths that match globs (the spec's matching: `*.q_proj`, or a dotted suffix like
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,13 +44,6 @@ class SiteRow:
     rule: int | None = None
     reason: str | None = None
     hyperparams: dict[str, Any] = field(default_factory=dict)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[SiteRow]:
@@ -89,8 +83,8 @@ def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[
             specs = a.method.params(site).values()
             row.method = a.method.name
             row.rank = a.rank
-            row.params = sum(_numel(s.shape) for s in specs if s.trainable and not s.shared)
-            row.shared_params = sum(_numel(s.shape) for s in specs if s.trainable and s.shared)
+            row.params = sum(math.prod(s.shape) for s in specs if s.trainable and not s.shared)
+            row.shared_params = sum(math.prod(s.shape) for s in specs if s.trainable and s.shared)
             row.cost = a.method.cost(site).evaluate(tokens)
             row.rule = a.rule
             row.reason = plan.reasons.get(site.path)
