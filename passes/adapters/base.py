@@ -104,3 +104,8 @@ def require_uniform(methods: list, attrs: tuple[str, ...], peft_config: str) -> 
                 f"PEFT's {peft_config} holds one {attr} for all modules; this plan mixes them, "
                 "so it cannot be saved in PEFT format"
             )
+
+
+def is_int(value: object) -> bool:
+    """An integer hyperparameter (YAML gives bools too, and True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -20,15 +20,20 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, require_uniform
+from passes.adapters.base import (
+    D_IN,
+    D_OUT,
+    Cost,
+    ParamSpec,
+    SiteContext,
+    T,
+    is_int,
+    require_uniform,
+)
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
 N_FREQUENCY = sympy.Symbol("n_frequency", positive=True, integer=True)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ class FourierFT:
     peft_type: ClassVar[str] = "FOURIERFT"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n_frequency) or self.n_frequency <= 0:
+        if not is_int(self.n_frequency) or self.n_frequency <= 0:
             raise ValueError(
                 f"fourierft: n_frequency must be a positive integer, got {self.n_frequency!r}"
             )
@@ -68,7 +73,7 @@ class FourierFT:
             raise ValueError(
                 f"fourierft: scaling must be a finite non-zero number, got {self.scaling!r}"
             )
-        if not _is_int(self.random_loc_seed) or self.random_loc_seed < 0:
+        if not is_int(self.random_loc_seed) or self.random_loc_seed < 0:
             raise ValueError(
                 "fourierft: random_loc_seed must be a non-negative integer, "
                 f"got {self.random_loc_seed!r}"

@@ -28,15 +28,12 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
 from rewrite.sites import Site
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fan_in(site: Site) -> int:
@@ -55,7 +52,7 @@ class HRA:
     peft_type: ClassVar[str] = "HRA"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"hra: rank must be a positive integer, got {self.rank!r}")
         for name in ("apply_GS", "init_weights"):
             if not isinstance(getattr(self, name), bool):

@@ -30,16 +30,13 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
 from rewrite.sites import Site
 from rewrite.spec import SpecError
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _n_bases(min_dim: int, rank: int) -> int:
@@ -98,7 +95,7 @@ class RandLoRA:
     peft_type: ClassVar[str] = "RANDLORA"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"randlora: rank must be a positive integer, got {self.rank!r}")
         if (
             not isinstance(self.alpha, int | float)
@@ -108,7 +105,7 @@ class RandLoRA:
             raise ValueError(f"randlora: alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"randlora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not _is_int(self.projection_prng_key) or self.projection_prng_key < 0:
+        if not is_int(self.projection_prng_key) or self.projection_prng_key < 0:
             raise ValueError(
                 "randlora: projection_prng_key must be a non-negative integer, "
                 f"got {self.projection_prng_key!r}"
@@ -120,7 +117,7 @@ class RandLoRA:
                 )
         for name in ("max_in_features", "max_out_features"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(
                     f"randlora: {name} must be a positive integer or null, got {value!r}"
                 )
@@ -280,7 +277,7 @@ class RandLoRA:
             "rank": int(config.get("r", 32)),
             "alpha": config.get("randlora_alpha", 640),
             "dropout": float(config.get("randlora_dropout", 0.0)),
-            "projection_prng_key": int(key) if _is_int(key) else key,
+            "projection_prng_key": int(key) if is_int(key) else key,
             "save_projection": bool(config.get("save_projection", True)),
             "sparse": bool(config.get("sparse", False)),
             "very_sparse": bool(config.get("very_sparse", False)),

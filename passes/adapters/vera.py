@@ -28,16 +28,13 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     require_uniform,
     site_symbols,
 )
 from passes.adapters.registry import register
 from rewrite.sites import Site
 from rewrite.spec import SpecError
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @lru_cache(maxsize=4)
@@ -70,13 +67,13 @@ class VeRA:
     peft_type: ClassVar[str] = "VERA"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"vera: rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.d_initial, int | float) or not math.isfinite(self.d_initial):
             raise ValueError(f"vera: d_initial must be a finite number, got {self.d_initial!r}")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"vera: dropout must be in [0, 1), got {self.dropout!r}")
-        if not _is_int(self.projection_prng_key) or self.projection_prng_key < 0:
+        if not is_int(self.projection_prng_key) or self.projection_prng_key < 0:
             raise ValueError(
                 "vera: projection_prng_key must be a non-negative integer, "
                 f"got {self.projection_prng_key!r}"
@@ -86,7 +83,7 @@ class VeRA:
                 raise ValueError(f"vera: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_in_features", "max_out_features"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"vera: {name} must be a positive integer or null, got {value!r}")
 
     @property
@@ -213,7 +210,7 @@ class VeRA:
             "rank": int(config.get("r", 256)),
             "d_initial": config.get("d_initial", 0.1),
             "dropout": float(config.get("vera_dropout", 0.0)),
-            "projection_prng_key": int(key) if _is_int(key) else key,
+            "projection_prng_key": int(key) if is_int(key) else key,
             "save_projection": bool(config.get("save_projection", True)),
             "init_weights": bool(config.get("init_weights", True)),
         }
