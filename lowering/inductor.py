@@ -6,6 +6,13 @@ another adapter into the same tensors never recompiles. Inductor emits Triton ke
 GPU and C++ on CPU; which one follows from where the tensors live, through the same path.
 Batch and sequence dimensions are compiled dynamic, so changing the sequence length inside
 the traced range does not recompile.
+
+Dynamo guards on each input's `requires_grad`, so a float input that sometimes needs a
+gradient (a transformer block's hidden states: the first block's do not, the rest do, see
+pytorch#141039) would compile twice. Here such inputs always enter the compiled graph
+requiring grad; when the caller's tensor did not, it is a detached alias whose gradient is
+dropped. The price is the backward of the first ops' input gradients, which is small
+next to a step. Under `torch.no_grad()` nothing is changed.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rewrite.program import Program
+from rewrite.program import USER_INPUT, Program
 
 
 def compile_program(
@@ -35,7 +42,29 @@ def compile_program(
         def fn(*args: Any) -> Any:
             return torch.utils.checkpoint.checkpoint(graph_module, *args, use_reentrant=False)
 
-    return torch.compile(fn, backend="inductor", fullgraph=True, dynamic=dynamic, mode=mode)
+    compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=dynamic, mode=mode)
+    user_inputs = [i for i, slot in enumerate(program.slots) if slot.kind == USER_INPUT]
+
+    def run(*args: Any) -> Any:
+        return compiled(*_inputs_requiring_grad(args, user_inputs))
+
+    return run
+
+
+def _inputs_requiring_grad(args: tuple[Any, ...], positions: list[int]) -> tuple[Any, ...]:
+    """`args` with every float tensor at `positions` requiring grad (see the module note)."""
+    if not torch.is_grad_enabled():
+        return args
+    out = list(args)
+    for i in positions:
+        value = out[i]
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not value.requires_grad
+        ):
+            out[i] = value.detach().requires_grad_()
+    return tuple(out)
 
 
 def compile(

@@ -155,3 +155,48 @@ def test_bf16_base_with_fp32_adapters_under_autocast():
         for p in low.trainable_parameters()
     )
     torch.testing.assert_close(loss.float(), loss_of(ref, x), atol=5e-2, rtol=5e-2)
+
+
+class Block(torch.nn.Module):
+    """A transformer-style MLP block, adapted and compiled on its own, as torchtune does."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(d, 4 * d)
+        self.down = torch.nn.Linear(4 * d, d)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.down(torch.nn.functional.gelu(self.up(hidden)))
+
+
+def adapter_grads_and_input_grad(model, hidden):
+    """Adapter gradients of sum(out²), and the gradient that reached `hidden` (or None)."""
+    model.zero_grad(set_to_none=True)
+    hidden.grad = None
+    (model(hidden) ** 2).sum().backward()
+    return [p.grad for p in model.trainable_parameters()], hidden.grad
+
+
+def test_block_input_requires_grad_changing_does_not_recompile():
+    """pytorch#141039: the first block's input needs no grad, a later block's does."""
+    spec = {"adapters": [{"method": "lora", "targets": ["up", "down"], "rank": 4}]}
+    torch.manual_seed(0)
+    block, example = Block(), (torch.randn(2, 8, 32),)
+    eager, compiled = (peftc.compile(copy.deepcopy(block), spec, example).train() for _ in "ab")
+    perturb(eager.trainable_parameters())
+    perturb(compiled.trainable_parameters())
+    compiled.compile_for_training()
+    first_block = torch.randn(2, 8, 32)
+    later_block = torch.randn(2, 8, 32, requires_grad=True)
+    compiled(first_block)  # the one compile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for hidden in (first_block, later_block, first_block):
+            got, got_input = adapter_grads_and_input_grad(compiled, hidden)
+            want, want_input = adapter_grads_and_input_grad(eager, hidden)
+            for g, w in zip(got, want, strict=True):
+                assert w.abs().max() > 0
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+            if hidden.requires_grad:
+                torch.testing.assert_close(got_input, want_input, atol=1e-4, rtol=1e-4)
+            else:
+                assert got_input is None and not hidden.requires_grad
