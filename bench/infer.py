@@ -77,19 +77,28 @@ def inputs(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.T
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 3, block: int = 3
 ) -> dict[str, float]:
-    """Median milliseconds per contender, one call of each per round, so that load from
-    other processes hits every contender alike (the training benchmark does the same)."""
+    """Median milliseconds per contender over `repeat` rounds, interleaved so that load from
+    other processes hits every contender alike (the training benchmark does the same).
+
+    At each switch a round pauses 50 ms and runs the contender once untimed, then times
+    `block` calls. Both runtimes' thread pools spin-wait for a while after a call
+    (onnxruntime's intra-op pool, OpenMP under PyTorch); timed right after a switch, a
+    contender shares the cores with the previous one's spinning threads, which slowed both
+    by up to 1.8x here."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            time.sleep(0.05)
             fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
