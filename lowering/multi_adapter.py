@@ -121,8 +121,23 @@ def _unflattened(x: torch.fx.Node, features: int) -> torch.fx.Node | None:
     return None
 
 
+def _without_bias(graph: torch.fx.Graph, node, site) -> tuple[torch.fx.Node, object]:
+    """The base op `node` recomputed without its bias, and the bias (None when it has none)."""
+    if site.op == "addmm":
+        bias, x, w = node.args[:3]
+        return graph.call_function(aten.mm.default, (x, w)), bias
+    x, w, bias = (list(node.args) + [None, None])[:3]
+    if bias is None:
+        return node, None
+    return graph.call_function(aten.linear.default, (x, w)), bias
+
+
 def _splice_site(graph: torch.fx.Graph, node, site, ids, A, B) -> None:
-    """After the base op `node`, add s·bmm(bmm(x, A[ids]^T), B[ids]^T) to its output."""
+    """Replace the base op `node` by xWᵀ - bmm(bmm(x, A[ids]ᵀ), B[ids]ᵀ) + bias.
+
+    The bias comes last so that onnxruntime's fusions still take it into the op that
+    follows (attention, BiasGelu, SkipLayerNormalization) as they do in the merged graph;
+    added before the update, it stays a separate Add per site."""
     x = node.args[1] if site.op == "addmm" else node.args[0]
     rank = x.meta["val"].dim()
     if rank not in (2, 3):
@@ -132,6 +147,7 @@ def _splice_site(graph: torch.fx.Graph, node, site, ids, A, B) -> None:
         )
     call = graph.call_function
     with graph.inserting_before(node.next):  # in order, right after the base op
+        base, bias = _without_bias(graph, node, site)
         a_sel = call(aten.index_select.default, (A, 0, ids))
         b_sel = call(aten.index_select.default, (B, 0, ids))
         x3 = _unflattened(x, site.in_features)
@@ -142,8 +158,14 @@ def _splice_site(graph: torch.fx.Graph, node, site, ids, A, B) -> None:
         delta = call(aten.bmm.default, (h, call(aten.transpose.int, (b_sel, 1, 2))))
         if rank == 2:
             delta = call(aten.view.default, (delta, [-1, site.out_features]))
-        out = call(aten.sub.Tensor, (node, delta))  # delta holds -s·B·A·x, see stacked_lora
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        out = call(aten.sub.Tensor, (base, delta))  # delta holds -s·B·A·x, see stacked_lora
+        if bias is not None:
+            out = call(aten.add.Tensor, (out, bias))
+    if base is node:
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    else:
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
 
 
 def multi_adapter_module(adapters: Sequence) -> tuple[torch.fx.GraphModule, dict]:
