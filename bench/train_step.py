@@ -98,16 +98,16 @@ def make_contender(key, base, args, x):
     if key in ("a", "b"):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        run = torch.compile(model) if key == "b" else model
+        run = torch.compile(model, mode=args.mode) if key == "b" else model
     elif key in ("c", "d", "f", "g"):
         model = peftc.compile(copy.deepcopy(base), spec, x, fuse=key != "c").train()
-        model.compile_for_training()
+        model.compile_for_training(mode=args.mode)
         params = model.trainable_parameters()
         run = model
     else:
         model = copy.deepcopy(base).train().requires_grad_(False)
         embed = model.get_input_embeddings()
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=args.mode)
 
         def floor_step():
             emb = embed(x["input_ids"]).detach().requires_grad_()
@@ -136,6 +136,8 @@ def measure_memory_child(args, key):
     cmd = [sys.executable, __file__, "--only", key, "--device", args.device]
     for flag in ("hidden", "intermediate", "layers", "rank", "batch", "seq", "heads"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
+    if args.mode:
+        cmd += ["--mode", args.mode]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -184,6 +186,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--contenders", default="abcdef")
+    p.add_argument(
+        "--mode",
+        default=None,
+        help="torch.compile mode for every compiled contender, e.g. max-autotune-no-cudagraphs",
+    )
     p.add_argument(
         "--memory", action="store_true", help="CPU: peak RSS per contender (subprocesses)"
     )
