@@ -122,3 +122,32 @@ def test_non_lora_method_is_refused(llama_multi):
     elsewhere = SimpleNamespace(base=tiny_llama(layers=1), plan=adapters[1].plan)
     with pytest.raises(MultiAdapterError, match="same base model"):
         export_multi([adapters[0], elsewhere], "unused.onnx")
+
+
+def test_biased_linears_keep_ort_fusions(tmp_path):
+    """BERT's linears carry biases: the bias is added after the adapter update, so ORT still
+    fuses it (BiasGelu, attention bias) and no per-site bias Add is left; rows stay exact."""
+    import onnx
+
+    from tests.models import minilm
+
+    base = minilm()
+    adapters = []
+    for i, targets in enumerate((["query", "value"], ["query", "intermediate.dense"])):
+        spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4}]}
+        adapted = peftc.compile(base, spec, token_inputs(2, 16, vocab=1000))
+        perturb(adapted.trainable_parameters(), std=0.1, seed=50 + i)
+        adapters.append(adapted.eval())
+    path = tmp_path / "bert_multi.onnx"
+    report = export_multi(adapters, path)
+    assert max(report.max_errors.values()) <= FP32
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert ops.count("BiasGelu") == base.config.num_hidden_layers
+    assert ops.count("Add") <= 4, ops.count("Add")  # mask and embedding adds, no bias adds
+    x = token_inputs(2, 10, vocab=1000, seed=51)
+    got = lo.run_session(lo.session(path), {**x, IDS: torch.tensor([1, 0])})[0]
+    with torch.no_grad():
+        for row, k in enumerate((1, 0)):
+            expected = adapters[k](**x).last_hidden_state[row]
+            assert (expected - base(**x).last_hidden_state[row]).abs().max() > 1e-3
+            torch.testing.assert_close(got[row], expected, atol=FP32, rtol=FP32)
