@@ -24,6 +24,7 @@ from rewrite.sites import SiteIndex, find_sites
 from rewrite.spec import AdaptationSpec
 from rewrite.trace import bind_call, check_inputs, trace
 from rewrite.unlift import unlift
+from rewrite.values import refresh_values
 
 
 class AdaptedModel(torch.nn.Module):
@@ -98,6 +99,7 @@ class AdaptedModel(torch.nn.Module):
             passes += [fold_scale(), FuseSiblings()]
         manager = PassManager([*passes, Cleanup()], debug=self._debug)
         manager.run(program, keep_diffs=True)
+        refresh_values(program, self.state())
         if not self.pass_records:  # the pipeline as run at compile time
             self.pass_records = manager.records
         return program

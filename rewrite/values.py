@@ -1,0 +1,64 @@
+"""Recompute every node's `meta["val"]` after rewriting, in the trace's own symbols.
+
+Spliced adapter nodes arrive with values from their snippet's separate export (its own size
+symbols, such as s77, where the model's graph says s0), and nodes made by fusion passes have
+none. Propagating fake tensors from the placeholders through the finished graph, in the fake
+mode and shape environment of the original trace, gives every node a value that names the
+same batch and sequence symbols as the rest of the graph (what `peftc inspect` shows).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from rewrite.program import Program
+
+log = logging.getLogger(__name__)
+
+
+class _Collect(torch.fx.Interpreter):
+    """Runs the graph on fake tensors and keeps each node's result."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op != "output":
+            self.values[n] = out
+        return out
+
+
+def refresh_values(program: Program, state: Mapping[str, torch.Tensor]) -> bool:
+    """Set `meta["val"]` of every node of `program` from one fake-tensor run; tensors the trace
+    did not see (adapter parameters) get theirs from `state`. All or nothing: if the run fails,
+    no node is changed and False is returned."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+    if mode is None:
+        return False
+    slots = {s.name: s for s in program.slots}
+    args = []
+    for node in placeholders:
+        val = node.meta.get("val")
+        if val is None:
+            tensor = state[slots[node.name].target]
+            val = mode.from_tensor(tensor.detach(), static_shapes=True)
+        args.append(val)
+    collect = _Collect(program.graph_module)
+    try:
+        with mode:
+            collect.run(*args)
+    except Exception as e:  # metadata only: a failure must not stop the rewrite
+        log.debug("could not refresh node values (%s); keeping the spliced ones", e)
+        return False
+    for node, val in collect.values.items():
+        node.meta["val"] = val
+    return True
