@@ -65,11 +65,17 @@ def splice(
     meta: dict,
 ) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     """Copy `snippet`'s nodes into `graph` right after `after`, feeding its placeholders from
-    `inputs` in order. Returns the node of its (single) output and the nodes inserted."""
+    `inputs` in order. Returns the node of its (single) output and the nodes inserted.
+
+    The snippet was exported on meta tensors, so what it says about the meta device is
+    dropped or moved to `after`'s device: its `_assert_tensor_metadata` checks (left by a
+    real dtype cast, such as an fp32 upcast in a bf16 model) and `device=meta` arguments."""
     placeholders = [n for n in snippet.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise ValueError(f"snippet takes {len(placeholders)} inputs but {len(inputs)} were given")
     env: dict[torch.fx.Node, torch.fx.Node] = dict(zip(placeholders, inputs, strict=True))
+    host = after.meta.get("val")
+    device = host.device if isinstance(host, torch.Tensor) else None
     inserted = []
     output = None
     with graph.inserting_before(after.next):
@@ -79,7 +85,11 @@ def splice(
             if node.op == "output":
                 output = torch.fx.map_arg(node.args[0], lambda n: env[n])
                 continue
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                continue
             new = graph.node_copy(node, lambda n: env[n])
+            if device is not None and new.kwargs.get("device") == torch.device("meta"):
+                new.kwargs = {**new.kwargs, "device": device}
             new.meta = {**node.meta, "peftc": dict(meta)}
             env[node] = new
             inserted.append(new)
