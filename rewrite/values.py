@@ -53,12 +53,19 @@ def refresh_values(program: Program, state: Mapping[str, torch.Tensor]) -> bool:
             val = mode.from_tensor(tensor.detach(), static_shapes=True)
         args.append(val)
     collect = _Collect(program.graph_module)
+    # a meta kernel that cannot take symbolic sizes (FFTs, as in C3A) makes FakeTensor log an
+    # error before it raises; here that only means the old values stay, so keep it quiet
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with mode:
             collect.run(*args)
     except Exception as e:  # metadata only: a failure must not stop the rewrite
         log.debug("could not refresh node values (%s); keeping the spliced ones", e)
         return False
+    finally:
+        fake_log.setLevel(level)
     for node, val in collect.values.items():
         node.meta["val"] = val
     return True
