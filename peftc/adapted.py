@@ -55,6 +55,7 @@ class AdaptedModel(torch.nn.Module):
         self._debug = debug
         self._fuse = fuse
         self._compiled: dict[bool, Any] = {}
+        self._refreshed: set[bool] = set()
         self.pass_records: list[PassRecord] = []
         captured = None
         if calibration is not None:
@@ -99,18 +100,24 @@ class AdaptedModel(torch.nn.Module):
             passes += [fold_scale(), FuseSiblings()]
         manager = PassManager([*passes, Cleanup()], debug=self._debug)
         manager.run(program, keep_diffs=True)
-        refresh_values(program, self.state())
         if not self.pass_records:  # the pipeline as run at compile time
             self.pass_records = manager.records
         return program
 
-    def program(self, training: bool | None = None) -> Program:
-        """The rewritten graph for train (or eval) mode; the other mode is traced on first use."""
+    def program(self, training: bool | None = None, values: bool = False) -> Program:
+        """The rewritten graph for train (or eval) mode; the other mode is traced on first use.
+
+        `values=True` also gives every node its shape in the trace's symbols (what inspect
+        shows; one fake-tensor run over the graph, done once)."""
         training = self.training if training is None else training
         if training not in self._programs:
             traced = trace(self.base, self._example_inputs, training=training)
             self._programs[training] = self._rewrite(traced, find_sites(traced))
-        return self._programs[training]
+        program = self._programs[training]
+        if values and training not in self._refreshed:
+            refresh_values(program, self.state())
+            self._refreshed.add(training)
+        return program
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:

@@ -1,5 +1,5 @@
-"""Node values after rewriting: one fake-tensor run gives every node (spliced adapter nodes,
-fused nodes) a value in the trace's own size symbols, and a failed run changes nothing."""
+"""Node values for inspect: one fake-tensor run gives every node (spliced adapter nodes, fused
+nodes) a value in the trace's own size symbols, and a failed run changes nothing."""
 
 import torch
 
@@ -37,7 +37,7 @@ def check_program(program) -> None:
 def test_spliced_and_fused_nodes_use_the_traces_symbols():
     spec = {"adapters": [{"method": "lora", "targets": TARGETS, "rank": 4}]}
     adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs()).train()
-    program = adapted.program()
+    program = adapted.program(values=True)
     check_program(program)
     fused = [n for n, d in program_graph(program).nodes(data=True) if d["role"] == FUSED]
     assert fused and all(program_graph(program).nodes[n]["value"] for n in fused)
@@ -46,13 +46,13 @@ def test_spliced_and_fused_nodes_use_the_traces_symbols():
 def test_flattened_rows_and_another_method():
     spec = {"adapters": [{"method": "vera", "targets": ["c_attn", "c_fc"], "rank": 4}]}
     adapted = peftc.compile(tiny_gpt2(), spec, token_inputs()).eval()
-    check_program(adapted.program())
+    check_program(adapted.program(values=True))
 
 
 def test_a_failed_run_changes_no_node():
     spec = {"adapters": [{"method": "lora", "targets": ["*.q_proj"], "rank": 4}]}
     adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs())
-    program = adapted.program()
+    program = adapted.program(values=True)
     before = {n: n.meta.get("val") for n in program.graph.nodes}
     state = adapted.state()
     wrong = {k: (torch.zeros(7, 3) if "lora_A" in k else v) for k, v in state.items()}

@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 
 
 def _picture(adapted, args: argparse.Namespace) -> str:
-    g = program_graph(adapted.program())
+    g = program_graph(adapted.program(values=True))
     title = type(adapted.base).__name__
     if args.around:
         centers = [n for nodes in site_nodes(g, args.around).values() for n in nodes]
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.html:
         pictures = None
         if args.around:  # every site the glob names (site_nodes fails naming the glob if none)
-            matched = site_nodes(program_graph(adapted.program()), args.around)
+            matched = site_nodes(program_graph(adapted.program(values=True)), args.around)
             pictures = [s.path for s in adapted.sites if s.path in matched]
         path = write_report(adapted, args.html, pictures=pictures, radius=args.radius)
         print(f"wrote {path}", file=sys.stderr)

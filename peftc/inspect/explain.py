@@ -71,7 +71,7 @@ def explain(adapted: Any, pattern: str, tokens: int = 1) -> list[Explanation]:
             f"'*.layers.0.self_attn.q_proj' or a suffix such as 'q_proj' (paths look like "
             f"{example!r})"
         )
-    program = adapted.program()
+    program = adapted.program(values=True)
     by_path = {a.site.path: a for a in adapted.plan}
     merged_gm, merge_error = None, None
     if any(s.path in by_path for s in matches):

@@ -211,7 +211,7 @@ def _pictures(adapted: Any, paths: Sequence[str], radius: int) -> str:
         for role, c in COLOURS.items()
     )
     out = [f'<p class="legend">{legend} {_e(LEGEND)}; radius {radius} around each site.</p>']
-    g = program_graph(adapted.program())
+    g = program_graph(adapted.program(values=True))
     for path in paths:
         centers = site_nodes(g, path)[path]
         dot = to_dot(neighbourhood(g, centers, radius), f"around {path}")
