@@ -337,3 +337,26 @@ def test_cli_argument_errors(capsys):
     assert "--adapters needs --multi" in capsys.readouterr().err
     assert cli.main(["export", "--model", "x:y", "--out", "o.onnx"]) == 2
     assert "give --adapter DIR" in capsys.readouterr().err
+
+
+def test_llama_rotary_embedding_is_fused(tmp_path):
+    """transformers 5 writes RoPE angles as a Mul; lowering/ort_rope.py rewrites them so that
+    onnxruntime's fused rotary replaces rotate-half for q and k of every layer (tiny Llama has
+    grouped KV heads, so it lands inside GroupQueryAttention), and the verification at fresh
+    shapes (batch 3 and batch 1) still holds."""
+    import onnx
+
+    adapted = peftc.compile(
+        tiny_llama(layers=2),
+        {"adapters": [{"method": "lora", "targets": ["q_proj", "k_proj"], "rank": 4}]},
+        token_inputs(),
+    ).eval()
+    perturb(adapted.trainable_parameters())
+    report = adapted.export_onnx(str(tmp_path / "llama.onnx"))
+    assert report.fusions["rope_freqs_as_matmul"] == 1 and report.fusions["cos_sin_cache"] == 4
+    assert max(report.max_errors.values()) <= FP32
+    nodes = onnx.load(str(tmp_path / "llama.onnx")).graph.node
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    assert [{a.name: a.i for a in n.attribute}.get("do_rotary") for n in gqa] == [1, 1]
+    assert not [n for n in nodes if n.op_type in ("Neg", "Slice")]  # no rotate-half left
