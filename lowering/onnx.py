@@ -271,7 +271,9 @@ def export_module(
 
 
 def _fuse_for_ort(program, inputs: Mapping[str, torch.Tensor], check: bool) -> dict[str, int]:
-    """Apply onnxscript's ORT fusions (attention, RMSNorm, rotary, skip-norm, GELU).
+    """Apply onnxscript's ORT fusions (attention, RMSNorm, rotary, skip-norm, GELU), after
+    rewriting transformers 5's RoPE angles into the form the rotary fusion matches
+    (`lowering/ort_rope.py`).
 
     A fusion can match a pattern it then mis-handles, giving a graph that onnxruntime refuses
     to load or run (seen with stacked adapters: the MHA fusion on GPT-2, and the MHA-bias
