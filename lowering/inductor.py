@@ -11,8 +11,8 @@ Dynamo guards on each input's `requires_grad`, so a float input that sometimes n
 gradient (a transformer block's hidden states: the first block's do not, the rest do, see
 pytorch#141039) would compile twice. Here such inputs always enter the compiled graph
 requiring grad; when the caller's tensor did not, it is a detached alias whose gradient is
-dropped. The price is the backward of the first ops' input gradients, which is small
-next to a step. Under `torch.no_grad()` nothing is changed.
+dropped. The price is computing that input's gradient in the backward. Under
+`torch.no_grad()` nothing is changed.
 """
 
 from __future__ import annotations

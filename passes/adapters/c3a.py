@@ -36,10 +36,6 @@ def circulant(w: torch.Tensor) -> torch.Tensor:
     return fft(x).real.flatten(start_dim=1).T
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
 @register("c3a")
 @dataclass(frozen=True)
 class C3A:
@@ -100,13 +96,12 @@ class C3A:
         p: dict[str, torch.Tensor],
         ctx: SiteContext,
     ) -> torch.Tensor:
-        # PEFT runs the FFTs in fp32. Casts are skipped when they are no-ops: a traced no-op
-        # `.to` leaves a device assertion for the meta device behind in the graph.
-        w, xf = _fp32(p["c3a_kernel"]), _fp32(x)
+        # PEFT runs the FFTs in fp32, then casts the update to the layer's dtype.
+        w, xf = p["c3a_kernel"].float(), x.float()
         _, n, b = w.shape
         y = fft(torch.einsum("...nb,mnb->...mb", ifft(xf.unflatten(-1, (n, b))), fft(w)))
         y = y.real.flatten(-2) / x.shape[-1]
-        return base_out + (y if y.dtype == base_out.dtype else y.to(base_out.dtype))
+        return base_out + y.to(base_out.dtype)
 
     def merged_weight(
         self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
