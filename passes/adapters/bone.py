@@ -21,7 +21,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.base import (
+    D_IN,
+    D_OUT,
+    Cost,
+    ParamSpec,
+    R,
+    SiteContext,
+    T,
+    dtype_bytes,
+    is_int,
+)
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -45,7 +55,7 @@ class Bone:
 
     def __post_init__(self) -> None:
         r = self.rank
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        if not is_int(r) or r <= 0:
             raise ValueError(f"bone: rank (the block size) must be a positive integer, got {r!r}")
 
     def check(self, site: Site) -> str | None:

@@ -18,7 +18,7 @@ import sympy
 import torch
 from torch.fft import fft, ifft
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes, is_int
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -48,7 +48,7 @@ class C3A:
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+        if not is_int(b) or b <= 0:
             raise ValueError(f"c3a: block_size must be a positive integer, got {b!r}")
         if self.init_weights not in INITS:
             raise ValueError(f"c3a: init_weights must be one of {INITS}, got {self.init_weights!r}")

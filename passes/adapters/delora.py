@@ -26,6 +26,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     peft_pattern_value,
     site_symbols,
 )
@@ -49,7 +50,7 @@ class DeLoRA:
     save_frozen: ClassVar[bool] = True  # delora_w_norm is part of PEFT's checkpoint
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"delora: rank must be a positive integer, got {self.rank!r}")
         lam = self.delora_lambda
         if not isinstance(lam, int | float) or isinstance(lam, bool) or not math.isfinite(lam):

@@ -26,11 +26,9 @@ from passes.adapters.base import (
     dtype_bytes,
     site_symbols,
 )
-from passes.adapters.lora import LoRA, validate_lora_fields
+from passes.adapters.lora import INITS, LoRA, validate_lora_fields
 from passes.adapters.registry import register
 from rewrite.sites import Site
-
-INITS = ("kaiming", "gaussian")
 
 
 @register("dora")

@@ -18,7 +18,17 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.base import (
+    D_IN,
+    D_OUT,
+    Cost,
+    ParamSpec,
+    R,
+    SiteContext,
+    T,
+    dtype_bytes,
+    is_int,
+)
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -41,7 +51,7 @@ class GraLoRA:
 
     def __post_init__(self) -> None:
         def positive_int(name: str, v: object, low: int) -> None:
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            if not is_int(v) or v < low:
                 raise ValueError(f"gralora: {name} must be an integer >= {low}, got {v!r}")
 
         positive_int("rank", self.rank, 1)

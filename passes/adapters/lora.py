@@ -23,6 +23,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     peft_pattern_value,
     site_symbols,
 )
@@ -36,7 +37,7 @@ def validate_lora_fields(
     method: str, rank: object, alpha: object, dropout: object, use_rslora: object
 ) -> None:
     """The checks every LoRA-family method makes of LoRA's own hyperparameters."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    if not is_int(rank) or rank <= 0:
         raise ValueError(f"{method}: rank must be a positive integer, got {rank!r}")
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"{method}: alpha must be a positive number, got {alpha!r}")

@@ -33,6 +33,7 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
+    is_int,
     site_symbols,
 )
 from passes.adapters.lora import LoRA, validate_lora_fields
@@ -190,9 +191,7 @@ class PiSSA(ResidualLoRA):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.niter is not None and (
-            not isinstance(self.niter, int) or isinstance(self.niter, bool) or self.niter < 0
-        ):
+        if self.niter is not None and (not is_int(self.niter) or self.niter < 0):
             raise ValueError(
                 f"pissa: niter must be null (exact SVD) or an integer >= 0, got {self.niter!r}"
             )
