@@ -39,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import lowering.onnx as lo  # noqa: E402
 import peftc  # noqa: E402
 from lowering.multi_adapter import IDS, export_multi  # noqa: E402
+from rewrite.files import write_atomic  # noqa: E402
 
 SHAPES = ((1, 128), (8, 128))
 RANK = 16
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][name] = bench_model(name, args.size, args.repeat, Path(tmp))
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_atomic(args.json, json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return 0
 

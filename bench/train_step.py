@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftc  # noqa: E402
+from rewrite.files import write_atomic  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAMES = {
@@ -265,9 +266,7 @@ def main(argv=None) -> int:
             "ratios": ratios,
             "torch": torch.__version__,
         }
-        tmp = f"{args.json}.tmp"
-        Path(tmp).write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        write_atomic(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -6,10 +6,10 @@ matplotlib is an optional extra (`pip install matplotlib`); it is imported only 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from cost_model.plan import Plan
+from rewrite.files import staged
 
 INSTALL_HINT = (
     "the NFN heatmap needs matplotlib, an optional extra: pip install matplotlib "
@@ -54,14 +54,9 @@ def write_heatmap(plan: Plan, path: str | os.PathLike) -> Path:
     fig.colorbar(image, ax=ax, label="NFN")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=out.suffix or ".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        with staged(out, make_parents=True) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

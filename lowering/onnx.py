@@ -14,8 +14,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from passes.merge import fold_weights, merged_weights, op_multiset
+from rewrite.files import staged
 from rewrite.sites import find_sites
 from rewrite.trace import bind_inputs, dynamic_dims, trace
 
@@ -140,43 +139,6 @@ class _Flat(torch.nn.Module):
 # -- writing -----------------------------------------------------------------------------
 
 
-def _clear_stale(path: Path) -> None:
-    """Remove staging folders that an export killed midway (its process is gone) left behind."""
-    prefix = f".{path.name}."
-    for stale in path.parent.glob(f"{prefix}*.partial"):
-        pid = stale.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # another live export is writing there
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged(path: str | os.PathLike):
-    """Yield a staging file path next to `path`; rename it (and its external data) into place
-    only when the block succeeds, so `path` is either absent/old or the complete new file."""
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(path)
-    stage = Path(
-        tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".partial")
-    )
-    staged_file = stage / path.name
-    try:
-        yield staged_file
-        for extra in sorted(stage.iterdir()):
-            if extra.name != path.name:  # external data first: the .onnx must never dangle
-                os.replace(extra, path.parent / extra.name)
-        os.replace(staged_file, path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporter's notices that concern optional packages (torchvision ops not
@@ -258,7 +220,7 @@ def export_module(
     fusions = {}
     if ort_fusions:
         fusions = _fuse_for_ort(program, inputs, check=size < EXTERNAL_DATA_BYTES)
-    with staged(path) as tmp:
+    with staged(path, make_parents=True) as tmp:
         _save(program, tmp, external=size > EXTERNAL_DATA_BYTES)
     return ExportReport(
         path=str(path),

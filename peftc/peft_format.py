@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from passes.adapters.insert import param_target
 from passes.adapters.registry import methods
+from rewrite.files import staged, write_atomic
 from rewrite.sites import SiteIndex
 
 WEIGHTS = "adapter_model.safetensors"
@@ -44,19 +44,6 @@ def peft_aliases(method, site) -> dict[str, list[str]]:
     if hook is None:
         return {}
     return {name: [_absolute(site, k) for k in keys] for name, keys in hook(site).items()}
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_adapter(adapted, directory: str | os.PathLike) -> None:
@@ -96,10 +83,9 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
     config.setdefault("revision", None)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(
-        out / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))
-    )
+    with staged(out / WEIGHTS) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_atomic(out / CONFIG, json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_config(directory: str | os.PathLike) -> dict:

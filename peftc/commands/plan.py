@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from cost_model.place import place
 from passes.adapters.registry import methods
 from peftc.commands.loading import example_inputs, load_model
+from rewrite.files import write_atomic
 from rewrite.sites import find_sites
 from rewrite.spec import load_spec
 from rewrite.trace import bind_inputs, trace
@@ -42,21 +42,6 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=1, help="tokens per step for the cost values")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     p.add_argument("--heatmap", metavar="PATH", help="draw layers x module types NFN (matplotlib)")
-
-
-def _write_text(path: str, text: str) -> None:
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def text_batches(
@@ -139,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     plan = place(spec, sites, registry, program, state, bound)
     print(plan.table(tokens=args.tokens))
     if args.json:
-        _write_text(args.json, plan.to_json(tokens=args.tokens) + "\n")
+        write_atomic(args.json, plan.to_json(tokens=args.tokens) + "\n")
         print(f"wrote {args.json}")
     if args.heatmap:
         from cost_model.heatmap import write_heatmap
