@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from passes.adapters.insert import param_target
+from peftc.peft_format import key_suffixes
 
 
 def _embedding_adapters(adapted) -> set[str]:
@@ -22,7 +23,7 @@ def _embedding_adapters(adapted) -> set[str]:
     for a in adapted.plan:
         if a.site.op != "embedding":
             continue
-        keys = a.method.peft_keys(a.site)
+        keys = key_suffixes(a.method, a.site)
         for name in a.method.params(a.site):
             if "." not in keys.get(name, "."):  # held by the layer itself, not a sub-module
                 out.add(param_target(a.method, a.site, name))

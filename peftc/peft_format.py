@@ -1,9 +1,10 @@
 """Hugging Face PEFT's adapter format, both ways.
 
 A PEFT adapter directory holds `adapter_model.safetensors` (keys like
-`base_model.model.<module path>.lora_A.weight`) and `adapter_config.json`. Each method maps
-its tensors to key suffixes (`peft_keys`) and its hyperparameters to and from the config
-(`peft_config`, `hyperparams_from_peft`, `overrides_from_peft`, `claims_peft`).
+`base_model.model.<module path>.lora_A.weight`) and `adapter_config.json`. Each method
+declares its format as one `PeftFormat` record (passes/adapters/peft_record.py): which
+configs it claims, its config fields and patterns, its key names. This module reads and
+writes every method through those records.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from passes.adapters.insert import param_target
+from passes.adapters.peft_record import get_nested, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
 from rewrite.sites import SiteIndex
@@ -33,17 +37,105 @@ def _absolute(site, suffix: str) -> str:
     return suffix if suffix.startswith("base_model.") else f"{KEY_PREFIX}{site.path}.{suffix}"
 
 
+def key_suffixes(method, site) -> dict[str, str]:
+    """Adapter tensor name -> checkpoint key suffix at `site`."""
+    record = getattr(type(method), "peft", None)
+    if record is None:
+        return method.peft_keys(site)  # not yet migrated to a record
+    keys = record.keys_by_op.get(site.op, record.keys)
+    return {name: keys[name] for name in method.params(site) if name in keys}
+
+
 def peft_key(method, site, name: str) -> str:
-    return _absolute(site, method.peft_keys(site)[name])
+    return _absolute(site, key_suffixes(method, site)[name])
 
 
 def peft_aliases(method, site) -> dict[str, list[str]]:
-    """Extra keys under which PEFT checkpoints repeat a tensor (optional hook `peft_aliases`:
-    RandLoRA saves its shared bases once per layer too). Written on save, accepted on load."""
-    hook = getattr(method, "peft_aliases", None)
-    if hook is None:
-        return {}
-    return {name: [_absolute(site, k) for k in keys] for name, keys in hook(site).items()}
+    """Extra keys under which PEFT checkpoints repeat a tensor (RandLoRA saves its shared
+    bases once per layer too). Written on save, accepted on load."""
+    record = getattr(type(method), "peft", None)
+    if record is None:
+        hook = getattr(method, "peft_aliases", None)
+        aliases = hook(site) if hook else {}
+    else:
+        aliases = record.aliases
+    return {name: [_absolute(site, k) for k in keys] for name, keys in aliases.items()}
+
+
+def _record(cls: type):
+    if cls.peft is None:
+        raise ValueError(
+            f"{cls.name} has no Hugging Face PEFT format, so it cannot be saved as one"
+        )
+    return cls.peft
+
+
+def claims(cls: type, config: dict) -> bool:
+    """Whether `cls` reads PEFT config `config`."""
+    record = getattr(cls, "peft", None)
+    if record is None:
+        hook = getattr(cls, "claims_peft", None)  # not yet migrated to a record
+        return bool(hook and hook(config))
+    return record.claims_config(config)
+
+
+def hyperparams_from_peft(cls: type, config: dict) -> dict:
+    """The method's hyperparameters that a PEFT config gives every module."""
+    record = getattr(cls, "peft", None)
+    if record is None:
+        return cls.hyperparams_from_peft(config)
+    out = {}
+    for name, f in record.fields.items():
+        value = get_nested(config, f.key)
+        out[name] = f.read(f.default if value is None else value)
+    return out
+
+
+def overrides_from_peft(cls: type, config: dict, path: str) -> dict:
+    """The hyperparameters that the config's per-module patterns give the module at `path`."""
+    record = getattr(cls, "peft", None)
+    if record is None:
+        return cls.overrides_from_peft(config, path)
+    out = {}
+    for name, f in record.fields.items():
+        if f.pattern is not None:
+            value = record.pattern_value(config.get(f.pattern) or {}, path)
+            if value is not None:
+                out[name] = f.read(value)
+    return out
+
+
+def peft_config(assignments: list) -> dict:
+    """The adapter_config.json of one method's assignments."""
+    cls = type(assignments[0].method)
+    if getattr(cls, "peft", None) is None and hasattr(cls, "peft_config"):
+        return cls.peft_config(assignments)  # not yet migrated to a record
+    record = _record(cls)
+    if record.saved_as is not None:
+        assignments = [replace(a, method=record.saved_as(a.method)) for a in assignments]
+        record = _record(type(assignments[0].method))
+    config: dict[str, Any] = {"peft_type": record.peft_type}
+    for name, f in record.fields.items():
+        values = [getattr(a.method, name) for a in assignments]
+        common = Counter(values).most_common(1)[0][0]
+        if f.pattern is not None:
+            # Full module paths as keys: every PEFT lookup matches a path exactly.
+            config[f.pattern] = {
+                a.site.path: f.write(v) for a, v in zip(assignments, values) if v != common
+            }
+        elif len(set(values)) > 1 and not f.init_only:
+            raise ValueError(
+                f"PEFT's {record.config} holds one {f.key} for all modules; this plan mixes "
+                f"{sorted(set(map(repr, values)))}, so it cannot be saved in PEFT format"
+            )
+        set_nested(config, f.key, f.write(common))
+    for key, value in record.constants.items():
+        set_nested(config, key, value)
+    config["target_modules"] = sorted(a.site.path for a in assignments)
+    if record.fan_in_fan_out:
+        config["fan_in_fan_out"] = all(a.site.op == "addmm" for a in assignments)
+    config.setdefault("bias", "none")
+    return config
 
 
 def save_adapter(adapted, directory: str | os.PathLike) -> None:
@@ -54,18 +146,14 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
             f"this plan mixes methods {sorted(names)}; a PEFT adapter_config.json holds one "
             "method, so save one adapter per method"
         )
-    method_cls = type(plan.assignments[0].method)
     state = adapted.state()
     tensors: dict[str, torch.Tensor] = {}
     for a in plan:
-        convert = getattr(a.method, "peft_tensors", None)
-        if convert is not None:
+        p = {n: state[param_target(a.method, a.site, n)].detach() for n in a.method.params(a.site)}
+        converted = a.method.peft_tensors(a.site, p) if hasattr(a.method, "peft_tensors") else None
+        if converted is not None:
             # The method ships a converted form (PiSSA/CorDA: a plain LoRA on the original base).
-            p = {
-                n: state[param_target(a.method, a.site, n)].detach()
-                for n in a.method.params(a.site)
-            }
-            for suffix, value in convert(a.site, p).items():
+            for suffix, value in converted.items():
                 tensors[f"{KEY_PREFIX}{a.site.path}.{suffix}"] = value.contiguous().cpu()
             continue
         for name, spec in a.method.params(a.site).items():
@@ -76,7 +164,7 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
                 )
                 for alias in peft_aliases(a.method, a.site).get(name, ()):
                     tensors[alias] = tensors[key].clone()  # safetensors refuses shared memory
-    config = method_cls.peft_config(plan.assignments)
+    config = peft_config(plan.assignments)
     config.setdefault("task_type", None)
     config.setdefault("base_model_name_or_path", None)
     config.setdefault("inference_mode", True)
@@ -137,17 +225,21 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
         )
     values = {key: (target, loaded[key]) for key, target in expected.items()}
     for a in adapted.plan:
-        convert = getattr(a.method, "params_from_peft", None)
-        if convert is None:
+        if not hasattr(a.method, "params_from_peft"):
             continue
-        # The method reads its own tensors (PiSSA/CorDA: raw or converted form); it gets them
-        # by key suffix and returns values by parameter name.
-        found = {}
-        for name, suffix in a.method.peft_keys(a.site).items():
-            key = peft_key(a.method, a.site, name)
-            if key in values:
-                found[suffix] = values.pop(key)[1]
-        for name, value in convert(a.site, found).items():
+        # A method may read its own tensors (PiSSA/CorDA: raw or converted form); it gets
+        # them by key suffix and returns values by parameter name.
+        keys = {
+            suffix: key
+            for name, suffix in key_suffixes(a.method, a.site).items()
+            if (key := peft_key(a.method, a.site, name)) in values
+        }
+        converted = a.method.params_from_peft(a.site, {s: values[k][1] for s, k in keys.items()})
+        if converted is None:
+            continue
+        for key in keys.values():
+            del values[key]
+        for name, value in converted.items():
             target = param_target(a.method, a.site, name)
             values[f"{a.site.path}:{name}"] = (target, value)
     with torch.no_grad():
@@ -163,10 +255,15 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
 def method_for_config(config: dict) -> type:
     peft_type = config.get("peft_type")
     for cls in methods().values():
-        claims = getattr(cls, "claims_peft", None)
-        if claims is not None and claims(config):
+        if claims(cls, config):
             return cls
-    supported = sorted({getattr(c, "peft_type", None) for c in methods().values()} - {None})
+    supported = sorted(
+        {
+            c.peft.peft_type if getattr(c, "peft", None) else getattr(c, "peft_type", None)
+            for c in methods().values()
+        }
+        - {None}
+    )
     raise ValueError(
         f"PEFT adapter type {peft_type!r} (with these options) is not supported; "
         f"supported peft_type values: {', '.join(supported)}"
@@ -208,8 +305,8 @@ def spec_from_peft(config: dict, sites: SiteIndex) -> dict:
     """Translate a PEFT adapter_config.json into an equivalent peftc spec dict."""
     cls = method_for_config(config)
     paths = peft_targets(config, sites)
-    rule = {"method": cls.name, "targets": paths, **cls.hyperparams_from_peft(config)}
-    overrides = {p: o for p in paths if (o := cls.overrides_from_peft(config, p))}
+    rule = {"method": cls.name, "targets": paths, **hyperparams_from_peft(cls, config)}
+    overrides = {p: o for p in paths if (o := overrides_from_peft(cls, config, p))}
     if overrides:
         rule["overrides"] = overrides
     return {"adapters": [rule]}

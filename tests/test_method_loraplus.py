@@ -13,7 +13,7 @@ from passes.adapters.insert import param_target
 from passes.adapters.lora import LoRA
 from passes.adapters.loraplus import LoRAPlus
 from passes.adapters.registry import methods
-from peftc.peft_format import method_for_config, peft_key, spec_from_peft
+from peftc.peft_format import claims, method_for_config, peft_key, spec_from_peft
 from rewrite.spec import SpecError, load_spec
 from tests.method_checks import (
     assert_costs_match,
@@ -75,7 +75,7 @@ def test_peftc_checkpoint_is_a_plain_peft_lora_one(case, tmp_path):
     assert config["peft_type"] == "LORA"
     assert not any("loraplus" in key for key in config)  # LoRA+ leaves no trace
     assert method_for_config(config) is LoRA  # so it reads back as lora
-    assert not LoRAPlus.claims_peft(config)
+    assert not claims(LoRAPlus, config)
     assert spec_from_peft(config, case.adapted.sites)["adapters"][0]["method"] == "lora"
 
 

@@ -248,5 +248,5 @@ def test_spec_errors_name_the_problem(case):
         load_spec({"adapters": [{"method": "pissa", "targets": ["*"], "niter": "fast"}]}, registry)
     embed = "model.embed_tokens" if case[0] == "llama" else "transformer.wte"
     spec = load_spec({"adapters": [{"method": "pissa", "targets": [embed]}]}, registry)
-    with pytest.raises(SpecError, match="pissa adapts linear layers only"):
+    with pytest.raises(SpecError, match="pissa supports linear layers only"):
         resolve(spec, adapted.sites, registry)

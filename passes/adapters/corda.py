@@ -19,27 +19,22 @@ from typing import ClassVar
 
 import torch
 
-from passes.adapters.pissa import ResidualLoRA
+from passes.adapters.contract import hp, one_of
+from passes.adapters.peft_record import PeftField
+from passes.adapters.pissa import ResidualLoRA, residual_format
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
-MODES = ("ipm", "kpm")
 MAX_DAMP_DOUBLINGS = 40
 
 
 @register("corda")
 @dataclass(frozen=True)
 class CorDA(ResidualLoRA):
-    corda_method: str = "ipm"
+    corda_method: str = hp("ipm", one_of("ipm", "kpm"))
 
     needs_calibration: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.corda_method not in MODES:
-            raise ValueError(
-                f"corda: corda_method must be one of {MODES}, got {self.corda_method!r}"
-            )
+    peft = residual_format("corda", {"corda_method": PeftField("corda_config.corda_method", "ipm")})
 
     def factors(
         self,
@@ -67,22 +62,6 @@ class CorDA(ResidualLoRA):
         A0 = V.t() * S.sqrt().view(-1, 1)
         B0 = U * S.sqrt()
         return A0, B0
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return (
-            config.get("peft_type") == "LORA"
-            and not config.get("use_dora", False)
-            and config.get("init_lora_weights") == "corda"
-        )
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        corda = config.get("corda_config") or {}
-        return {
-            **super().hyperparams_from_peft(config),
-            "corda_method": corda.get("corda_method", "ipm"),
-        }
 
 
 def covariance(calib: list[torch.Tensor]) -> torch.Tensor:

@@ -26,53 +26,26 @@ from passes.adapters.base import (
     dtype_bytes,
     site_symbols,
 )
-from passes.adapters.lora import INITS, LoRA, validate_lora_fields
+from passes.adapters.lora import LoRA
 from passes.adapters.registry import register
 from rewrite.sites import Site
+
+MAGNITUDE = {"magnitude": "lora_magnitude_vector"}
 
 
 @register("dora")
 @dataclass(frozen=True)
-class DoRA:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init_weights: str = "kaiming"
+class DoRA(LoRA):
+    """LoRA's hyperparameters, tensors, init and PEFT names, plus the magnitude vector."""
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm", "conv1d", "conv2d", "embedding")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "LORA"
-
-    def __post_init__(self) -> None:
-        validate_lora_fields("dora", self.rank, self.alpha, self.dropout, self.use_rslora)
-        if self.init_weights not in INITS:
-            raise ValueError(
-                f"dora: init_weights must be one of {INITS}, got {self.init_weights!r}"
-            )
-
-    @property
-    def lora(self) -> LoRA:
-        """The LoRA part (A, B, scaling): DoRA shares its shapes, init and PEFT names."""
-        return LoRA(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_weights)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora.scaling
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return f"dora does not support {site.op} sites (supported: {', '.join(self.supported_ops)})"
-        fan_in = site.in_features * math.prod(site.conv.kernel if site.conv else ())
-        if self.rank > min(fan_in, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={fan_in}, out={site.out_features}) = "
-                f"{min(fan_in, site.out_features)}); lower the rank"
-            )
-        if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
-            return "dora supports convolutions with groups=1 and dilation=1 only"
-        return None
+    batchable: ClassVar[bool] = False
+    peft = replace(
+        LoRA.peft,
+        when={**LoRA.peft.when, "use_dora": (True,)},
+        keys={**LoRA.peft.keys, **MAGNITUDE},
+        keys_by_op={op: {**keys, **MAGNITUDE} for op, keys in LoRA.peft.keys_by_op.items()},
+        constants={"use_dora": True},
+    )
 
     def _magnitude_shape(self, site: Site) -> tuple[int, ...]:
         if site.conv is not None:  # PEFT keeps the conv norm as [1, out, 1, ...]
@@ -80,12 +53,12 @@ class DoRA:
         return (site.out_features,)
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
-        return {**self.lora.params(site), "magnitude": ParamSpec(self._magnitude_shape(site))}
+        return {**super().params(site), "magnitude": ParamSpec(self._magnitude_shape(site))}
 
     def init(
         self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        p = self.lora.init(site, W, calib, generator)
+        p = super().init(site, W, calib, generator)
         with torch.no_grad():
             m = self._weight_norm(site, W.float(), self._delta(site, W, p["lora_A"], p["lora_B"]))
         return {**p, "magnitude": m.to(W.dtype)}
@@ -173,30 +146,3 @@ class DoRA:
             activation_bytes=activation * dtype_bytes(site.dtype),
             symbols=site_symbols(site, self.rank),
         )
-
-    # -- PEFT checkpoints: LoraConfig(use_dora=True) -------------------------------------
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {**self.lora.peft_keys(site), "magnitude": "lora_magnitude_vector"}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        init = config.get("init_lora_weights", True)
-        return (
-            config.get("peft_type") == "LORA"
-            and bool(config.get("use_dora", False))
-            and (init is True or init is False or init == "gaussian")
-        )
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return LoRA.hyperparams_from_peft(config)
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return LoRA.overrides_from_peft(config, path)
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        as_lora = [replace(a, method=a.method.lora) for a in assignments]
-        return {**LoRA.peft_config(as_lora), "use_dora": True}

@@ -13,70 +13,59 @@ variance (rho > 1) is a placement decision: cost_model's `eva` placement strateg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import Cost, ParamSpec, SiteContext
-from passes.adapters.lora import LoRA, validate_lora_fields
+from passes.adapters.contract import FLAG, UNIT_INTERVAL, Rule, hp
+from passes.adapters.lora import LORA_FIELDS, LORA_KEYS, NOT_DORA, LoRA, LoRAUpdate
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
 MAX_PASSES = 100  # over the calibration batches; PEFT loops until convergence
 PCA_SEED = 42  # PEFT's lowrank_seed
+UNIFORM = Rule(
+    "1.0 (uniform ranks); to redistribute ranks across layers, use the spec's placement: "
+    "{strategy: eva, rho: ...}",
+    lambda v: v == 1.0,
+)
 
 
 @register("eva")
 @dataclass(frozen=True)
-class EVA:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    tau: float = 0.99
-    whiten: bool = False
-    rho: float = 1.0
+class EVA(LoRAUpdate):
+    tau: float = hp(0.99, UNIT_INTERVAL)
+    whiten: bool = hp(False, FLAG)
+    rho: float = hp(1.0, UNIFORM)
 
     supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "LORA"
     needs_calibration: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        validate_lora_fields("eva", self.rank, self.alpha, self.dropout, self.use_rslora)
-        if not isinstance(self.tau, int | float) or not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"eva: tau must be in [0, 1], got {self.tau!r}")
-        if not isinstance(self.whiten, bool):
-            raise ValueError(f"eva: whiten must be true or false, got {self.whiten!r}")
-        if self.rho != 1.0:
-            raise ValueError(
-                f"eva: rho must be 1.0 (uniform ranks), got {self.rho!r}; to redistribute "
-                "ranks across layers, use the spec's placement: {strategy: eva, rho: ...}"
-            )
-
-    @property
-    def lora(self) -> LoRA:
-        return LoRA(self.rank, self.alpha, self.dropout, self.use_rslora)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora.scaling
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return f"eva adapts linear layers only (linear, addmm), not {site.op} sites, as in PEFT"
-        if self.rank > min(site.in_features, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={site.in_features}, out={site.out_features}) = "
-                f"{min(site.in_features, site.out_features)}); lower the rank"
-            )
-        return None
-
-    def params(self, site: Site) -> dict[str, ParamSpec]:
-        return self.lora.params(site)
+    # rho is not read: it shaped the ranks at init, and the checkpoint's rank_pattern already
+    # holds the ranks it chose. peftc's calibration drops padded tokens (attention mask); it
+    # has no labels.
+    peft = PeftFormat(
+        peft_type="LORA",
+        config="EvaConfig",
+        when={**NOT_DORA, "init_lora_weights": ("eva",)},
+        fields={
+            **LORA_FIELDS,
+            "tau": PeftField("eva_config.tau", 0.99, read=float),
+            "whiten": PeftField("eva_config.whiten", False, read=bool),
+        },
+        keys=LORA_KEYS,
+        constants={
+            **LoRA.peft.constants,
+            "init_lora_weights": "eva",
+            "eva_config.rho": 1.0,
+            "eva_config.use_label_mask": False,
+            "eva_config.label_mask_value": -100,
+            "eva_config.adjust_scaling_factors": True,
+        },
+        fan_in_fan_out=True,
+    )
 
     def init(
         self,
@@ -92,79 +81,6 @@ class EVA:
             return {"lora_A": torch.zeros(shapes["lora_A"].shape, dtype=W.dtype), "lora_B": B}
         A = eva_components(calib, self.rank, self.tau, self.whiten, site.path)
         return {"lora_A": A.to(W.dtype), "lora_B": B}
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
-        h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
-        return base_out + F.linear(F.linear(h, p["lora_A"]), p["lora_B"]) * self.scaling
-
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        return self.lora.merged_weight(site, W, p)
-
-    def cost(self, site: Site) -> Cost:
-        return self.lora.cost(site)
-
-    # -- PEFT checkpoints: LoraConfig(init_lora_weights="eva") ---------------------------
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return self.lora.peft_keys(site)
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return (
-            config.get("peft_type") == "LORA"
-            and not config.get("use_dora", False)
-            and config.get("init_lora_weights") == "eva"
-        )
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        eva = config.get("eva_config") or {}
-        # rho is not read: it shaped the ranks at init, and the checkpoint's rank_pattern
-        # already holds the ranks it chose.
-        return {
-            "rank": int(config.get("r", 8)),
-            "alpha": config.get("lora_alpha", 8),
-            "dropout": float(config.get("lora_dropout", 0.0)),
-            "use_rslora": bool(config.get("use_rslora", False)),
-            "tau": float(eva.get("tau", 0.99)),
-            "whiten": bool(eva.get("whiten", False)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return LoRA.overrides_from_peft(config, path)
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        if len({(m.tau, m.whiten) for m in methods}) > 1:
-            raise ValueError(
-                "PEFT's EvaConfig holds one tau and one whiten for all modules; this plan mixes "
-                "them, so it cannot be saved in PEFT format"
-            )
-        as_lora = [replace(a, method=a.method.lora) for a in assignments]
-        return {
-            **LoRA.peft_config(as_lora),
-            "init_lora_weights": "eva",
-            "eva_config": {
-                "rho": 1.0,
-                "tau": methods[0].tau,
-                # peftc's calibration drops padded tokens (attention mask); it has no labels.
-                "use_label_mask": False,
-                "label_mask_value": -100,
-                "whiten": methods[0].whiten,
-                "adjust_scaling_factors": True,
-            },
-        }
 
 
 def eva_components(

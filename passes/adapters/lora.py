@@ -3,6 +3,9 @@
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022);
 Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (2023).
 A is Kaiming-uniform and B zero, as in PEFT, so the adapter starts as the identity.
+
+`LoRAUpdate` is the B·A update itself (tensors, forward, merge, cost), shared by the
+methods that differ from LoRA only in how A and B start (EVA).
 """
 
 from __future__ import annotations
@@ -23,68 +26,38 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
-    is_int,
-    peft_pattern_value,
     site_symbols,
 )
+from passes.adapters.contract import LowRank, hp, one_of
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
-INITS = ("kaiming", "gaussian")
+INITS = one_of("kaiming", "gaussian")
+
+# LoraConfig's fields of the LoRA-family hyperparameters, shared by every method PEFT stores
+# as a LoraConfig (DoRA, PiSSA, CorDA, EVA, LoRA+).
+LORA_FIELDS = {
+    "rank": PeftField("r", 8, pattern="rank_pattern", read=int),
+    "alpha": PeftField("lora_alpha", 8, pattern="alpha_pattern"),
+    "dropout": PeftField("lora_dropout", 0.0, read=float),
+    "use_rslora": PeftField("use_rslora", False, read=bool),
+}
+INIT_FIELD = PeftField(
+    "init_lora_weights",
+    True,
+    read=lambda v: "gaussian" if v == "gaussian" else "kaiming",
+    write=lambda v: "gaussian" if v == "gaussian" else True,
+    init_only=True,
+)
+LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+EMBEDDING_KEYS = {"embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}}
+NOT_DORA = {"use_dora": (False,)}
 
 
-def validate_lora_fields(
-    method: str, rank: object, alpha: object, dropout: object, use_rslora: object
-) -> None:
-    """The checks every LoRA-family method makes of LoRA's own hyperparameters."""
-    if not is_int(rank) or rank <= 0:
-        raise ValueError(f"{method}: rank must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        raise ValueError(f"{method}: alpha must be a positive number, got {alpha!r}")
-    if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{method}: dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"{method}: use_rslora must be true or false, got {use_rslora!r}")
-
-
-@register("lora")
 @dataclass(frozen=True)
-class LoRA:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init_weights: str = "kaiming"
-
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm", "conv1d", "conv2d", "embedding")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "LORA"
-
-    def __post_init__(self) -> None:
-        validate_lora_fields(self.name, self.rank, self.alpha, self.dropout, self.use_rslora)
-        if self.init_weights not in INITS:
-            raise ValueError(
-                f"lora: init_weights must be one of {INITS}, got {self.init_weights!r}"
-            )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def check(self, site: Site) -> str | None:
-        """Why this method cannot adapt `site`, or None when it can."""
-        if site.op not in self.supported_ops:
-            return f"lora does not support {site.op} sites"
-        fan_in = site.in_features * math.prod(site.conv.kernel if site.conv else ())
-        if self.rank > min(fan_in, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={fan_in}, out={site.out_features}) = "
-                f"{min(fan_in, site.out_features)}); lower the rank"
-            )
-        if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
-            return "lora supports convolutions with groups=1 and dilation=1 only"
-        return None
+class LoRAUpdate(LowRank):
+    """y = base + s·B·A·x on linear, conv and embedding sites; subclasses define `init`."""
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r = self.rank
@@ -103,21 +76,6 @@ class LoRA:
             "lora_A": ParamSpec((r, site.in_features)),
             "lora_B": ParamSpec((site.out_features, r)),
         }
-
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        shapes = self.params(site)
-        A = torch.empty(shapes["lora_A"].shape, dtype=torch.float32)
-        B = torch.zeros(shapes["lora_B"].shape, dtype=torch.float32)
-        if site.op == "embedding":  # PEFT: A zero, B normal for embeddings
-            A.zero_()
-            B.normal_(generator=generator)
-        elif self.init_weights == "gaussian":
-            A.normal_(std=1.0 / self.rank, generator=generator)
-        else:
-            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        return {"lora_A": A.to(W.dtype), "lora_B": B.to(W.dtype)}
 
     def forward(
         self,
@@ -169,69 +127,43 @@ class LoRA:
             symbols=site_symbols(site, self.rank),
         )
 
-    # PEFT checkpoint names: adapter tensor -> key suffix after the module path.
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        if site.op == "embedding":
-            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    # PEFT adapter_config.json, both ways.
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        init = config.get("init_lora_weights", True)
-        return (
-            config.get("peft_type") == "LORA"
-            and not config.get("use_dora", False)
-            and (init is True or init is False or init == "gaussian")
-        )
+@register("lora")
+@dataclass(frozen=True)
+class LoRA(LoRAUpdate):
+    init_weights: str = hp("kaiming", INITS)
 
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "rank": int(config.get("r", 8)),
-            "alpha": config.get("lora_alpha", 8),
-            "dropout": float(config.get("lora_dropout", 0.0)),
-            "use_rslora": bool(config.get("use_rslora", False)),
-            "init_weights": "gaussian"
-            if config.get("init_lora_weights") == "gaussian"
-            else "kaiming",
-        }
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm", "conv1d", "conv2d", "embedding")
+    batchable: ClassVar[bool] = True
+    peft = PeftFormat(
+        peft_type="LORA",
+        config="LoraConfig",
+        when={**NOT_DORA, "init_lora_weights": (True, False, "gaussian")},
+        fields={**LORA_FIELDS, "init_weights": INIT_FIELD},
+        keys=LORA_KEYS,
+        keys_by_op=EMBEDDING_KEYS,
+        constants={"use_dora": False},
+        fan_in_fan_out=True,
+    )
 
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        out = {}
-        rank = peft_pattern_value(config.get("rank_pattern") or {}, path)
-        alpha = peft_pattern_value(config.get("alpha_pattern") or {}, path)
-        if rank is not None:
-            out["rank"] = int(rank)
-        if alpha is not None:
-            out["alpha"] = alpha
-        return out
+    def check_site(self, site: Site) -> str | None:
+        if why := super().check_site(site):
+            return why
+        if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
+            return f"{self.name} supports convolutions with groups=1 and dilation=1 only"
+        return None
 
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        base = max(methods, key=lambda m: sum(o == m for o in methods))
-        if len({m.use_rslora for m in methods}) > 1 or len({m.dropout for m in methods}) > 1:
-            raise ValueError(
-                "PEFT's LoraConfig holds one use_rslora and one dropout for all modules; "
-                "this plan mixes them, so it cannot be saved in PEFT format"
-            )
-        return {
-            "peft_type": "LORA",
-            "r": base.rank,
-            "lora_alpha": base.alpha,
-            "lora_dropout": base.dropout,
-            "use_rslora": base.use_rslora,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "rank_pattern": {
-                a.site.path: a.method.rank for a in assignments if a.method.rank != base.rank
-            },
-            "alpha_pattern": {
-                a.site.path: a.method.alpha for a in assignments if a.method.alpha != base.alpha
-            },
-            "fan_in_fan_out": all(a.site.op == "addmm" for a in assignments),
-            "bias": "none",
-            "init_lora_weights": "gaussian" if base.init_weights == "gaussian" else True,
-            "use_dora": False,
-        }
+    def init(
+        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        shapes = self.params(site)
+        A = torch.empty(shapes["lora_A"].shape, dtype=torch.float32)
+        B = torch.zeros(shapes["lora_B"].shape, dtype=torch.float32)
+        if site.op == "embedding":  # PEFT: A zero, B normal for embeddings
+            A.zero_()
+            B.normal_(generator=generator)
+        elif self.init_weights == "gaussian":
+            A.normal_(std=1.0 / self.rank, generator=generator)
+        else:
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        return {"lora_A": A.to(W.dtype), "lora_B": B.to(W.dtype)}

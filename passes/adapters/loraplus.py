@@ -10,9 +10,9 @@ trace in adapter_config.json, so such a checkpoint loads back as `lora`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from passes.adapters.contract import POSITIVE_FINITE, hp
 from passes.adapters.lora import LoRA
 from passes.adapters.registry import register
 
@@ -20,21 +20,9 @@ from passes.adapters.registry import register
 @register("loraplus")
 @dataclass(frozen=True)
 class LoRAPlus(LoRA):
-    loraplus_lr_ratio: float = 16.0  # η_B / η_A; the paper recommends 2^4
-    loraplus_lr_embedding: float = 1e-6  # PEFT's default learning rate for embedding adapters
+    loraplus_lr_ratio: float = hp(16.0, POSITIVE_FINITE)  # η_B / η_A; the paper recommends 2^4
+    # PEFT's default learning rate for embedding adapters
+    loraplus_lr_embedding: float = hp(1e-6, POSITIVE_FINITE)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
-            v = getattr(self, name)
-            if (
-                not isinstance(v, int | float)
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v <= 0
-            ):
-                raise ValueError(f"loraplus: {name} must be a positive finite number, got {v!r}")
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return False  # PEFT stores LoRA+ as plain LoRA; `lora` claims those checkpoints
+    # PEFT stores LoRA+ as plain LoRA; `lora` claims those checkpoints.
+    peft = replace(LoRA.peft, claims=False)

@@ -18,7 +18,7 @@ and loading reads both it and PEFT's raw PiSSA checkpoints (rank r, A₀/B₀ re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -33,48 +33,39 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
-    is_int,
     site_symbols,
 )
-from passes.adapters.lora import LoRA, validate_lora_fields
+from passes.adapters.contract import NON_NEGATIVE_INT, LowRank, hp, optional
+from passes.adapters.lora import LORA_FIELDS, LORA_KEYS, NOT_DORA, LoRA
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
 
+def as_plain_lora(m: ResidualLoRA) -> LoRA:
+    """The converted checkpoint's method: a plain LoRA of rank 2r with the same scaling
+    (s = alpha/r, or alpha/√r: doubling r needs alpha·2, or alpha·√2)."""
+    alpha = m.alpha * (math.sqrt(2) if m.use_rslora else 2)
+    return LoRA(rank=2 * m.rank, alpha=alpha, dropout=m.dropout, use_rslora=m.use_rslora)
+
+
+def residual_format(init: str, extra_fields: dict) -> PeftFormat:
+    """PEFT's LoraConfig(init_lora_weights=<init>...), saved in its converted form."""
+    return PeftFormat(
+        peft_type="LORA",
+        config="LoraConfig",
+        when={**NOT_DORA, "init_lora_weights": lambda v: isinstance(v, str) and v.startswith(init)},
+        fields={**LORA_FIELDS, **extra_fields},
+        keys=LORA_KEYS,
+        saved_as=as_plain_lora,
+    )
+
+
 @dataclass(frozen=True)
-class ResidualLoRA:
+class ResidualLoRA(LowRank):
     """A LoRA whose initial product s·B₀·A₀ is taken out of the base weight (frozen A₀, B₀)."""
 
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-
     supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "LORA"
-    name: ClassVar[str] = "residual_lora"  # each registered subclass gets its own
-
-    def __post_init__(self) -> None:
-        validate_lora_fields(self.name, self.rank, self.alpha, self.dropout, self.use_rslora)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return (
-                f"{self.name} adapts linear layers only (linear, addmm), not {site.op} sites, "
-                "as in PEFT"
-            )
-        if self.rank > min(site.in_features, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={site.in_features}, out={site.out_features}) = "
-                f"{min(site.in_features, site.out_features)}); lower the rank"
-            )
-        return None
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r, d_in, d_out = self.rank, site.in_features, site.out_features
@@ -131,9 +122,6 @@ class ResidualLoRA:
 
     # -- PEFT checkpoints ----------------------------------------------------------------
 
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-
     def peft_tensors(self, site: Site, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The converted form: ΔW = B·A − B₀·A₀ = [B, −B₀]·[A; A₀], a rank-2r LoRA."""
         return {
@@ -156,29 +144,15 @@ class ResidualLoRA:
             "converted form); compile with the rank the adapter was trained with"
         )
 
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "rank": int(config.get("r", 8)),
-            "alpha": config.get("lora_alpha", 8),
-            "dropout": float(config.get("lora_dropout", 0.0)),
-            "use_rslora": bool(config.get("use_rslora", False)),
-        }
 
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return LoRA.overrides_from_peft(config, path)
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        """PEFT's converted config: a plain LoRA of rank 2r with the same scaling."""
-
-        def converted(m: ResidualLoRA) -> LoRA:
-            # s = alpha/r (or alpha/√r): doubling r needs alpha·2 (or alpha·√2) to keep s.
-            alpha = m.alpha * (math.sqrt(2) if m.use_rslora else 2)
-            return LoRA(rank=2 * m.rank, alpha=alpha, dropout=m.dropout, use_rslora=m.use_rslora)
-
-        return LoRA.peft_config([replace(a, method=converted(a.method)) for a in assignments])
+def niter_of(init: str) -> int | None:
+    """PEFT's init_lora_weights "pissa" (exact SVD) or "pissa_niter_<N>" -> niter."""
+    if init == "pissa":
+        return None
+    head, sep, tail = init.partition("_niter_")
+    if head != "pissa" or not sep or not tail.isdigit():
+        raise ValueError(f"init_lora_weights {init!r} is not 'pissa' or 'pissa_niter_<N>'")
+    return int(tail)
 
 
 @register("pissa")
@@ -187,14 +161,11 @@ class PiSSA(ResidualLoRA):
     """`niter`: None for the exact SVD (init_lora_weights="pissa"), or the subspace iterations
     of a randomized SVD ("pissa_niter_N"), seeded from the spec's seed."""
 
-    niter: int | None = None
+    niter: int | None = hp(None, optional(NON_NEGATIVE_INT, "exact SVD"))
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.niter is not None and (not is_int(self.niter) or self.niter < 0):
-            raise ValueError(
-                f"pissa: niter must be null (exact SVD) or an integer >= 0, got {self.niter!r}"
-            )
+    peft = residual_format(
+        "pissa", {"niter": PeftField("init_lora_weights", "pissa", read=niter_of)}
+    )
 
     def factors(
         self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
@@ -215,24 +186,3 @@ class PiSSA(ResidualLoRA):
         A0 = torch.diag(torch.sqrt(Sr)) @ Vhr
         B0 = Ur @ torch.diag(torch.sqrt(Sr))
         return A0, B0
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        init = config.get("init_lora_weights")
-        return (
-            config.get("peft_type") == "LORA"
-            and not config.get("use_dora", False)
-            and isinstance(init, str)
-            and init.startswith("pissa")
-        )
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        init = config["init_lora_weights"]
-        niter = None
-        if init != "pissa":
-            head, sep, tail = init.partition("_niter_")
-            if head != "pissa" or not sep or not tail.isdigit():
-                raise ValueError(f"init_lora_weights {init!r} is not 'pissa' or 'pissa_niter_<N>'")
-            niter = int(tail)
-        return {**super().hyperparams_from_peft(config), "niter": niter}
