@@ -1,5 +1,6 @@
 """peftc: a compiler-style graph rewriter for parameter-efficient fine-tuning."""
 
+from passes.adapters.registry import methods as _registered
 from peftc.adapted import AdaptedModel
 from peftc.api import compile, from_peft
 from peftc.optimizers import create_loraplus_optimizer
@@ -13,5 +14,12 @@ __all__ = [
     "compile",
     "create_loraplus_optimizer",
     "from_peft",
+    "methods",
 ]
 __version__ = "0.1.0"
+
+
+def methods() -> list[str]:
+    """The spec names of the registered adapter methods, sorted."""
+    return list(_registered())
+

@@ -86,6 +86,9 @@ def hyperparams_from_peft(cls: type, config: dict) -> dict:
         return cls.hyperparams_from_peft(config)
     out = {}
     for name, f in record.fields.items():
+        if f.from_config is not None:
+            out[name] = f.from_config(config)
+            continue
         value = get_nested(config, f.key)
         out[name] = f.read(f.default if value is None else value)
     return out
@@ -128,7 +131,8 @@ def peft_config(assignments: list) -> dict:
                 f"PEFT's {record.config} holds one {f.key} for all modules; this plan mixes "
                 f"{sorted(set(map(repr, values)))}, so it cannot be saved in PEFT format"
             )
-        set_nested(config, f.key, f.write(common))
+        value = f.from_method(assignments[0].method) if f.from_method else f.write(common)
+        set_nested(config, f.key, value)
     for key, value in record.constants.items():
         set_nested(config, key, value)
     config["target_modules"] = sorted(a.site.path for a in assignments)

@@ -11,35 +11,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from rewrite.program import Program
 
 log = logging.getLogger(__name__)
 
 
-class _Collect(torch.fx.Interpreter):
-    """Runs the graph on fake tensors and keeps each node's result."""
-
-    def __init__(self, module: torch.fx.GraphModule) -> None:
-        super().__init__(module)
-        self.values: dict[torch.fx.Node, Any] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.op != "output":
-            self.values[n] = out
-        return out
-
-
 def refresh_values(program: Program, state: Mapping[str, torch.Tensor]) -> bool:
-    """Set `meta["val"]` of every node of `program` from one fake-tensor run; tensors the trace
-    did not see (adapter parameters) get theirs from `state`. All or nothing: if the run fails,
-    no node is changed and False is returned."""
+    """Set `meta["val"]` of every node of `program` with torch.fx's FakeTensorProp; tensors the
+    trace did not see (adapter parameters) get theirs from `state`. All or nothing: if the run
+    fails, every node keeps its old value and False is returned."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
     if mode is None:
@@ -52,20 +38,22 @@ def refresh_values(program: Program, state: Mapping[str, torch.Tensor]) -> bool:
             tensor = state[slots[node.name].target]
             val = mode.from_tensor(tensor.detach(), static_shapes=True)
         args.append(val)
-    collect = _Collect(program.graph_module)
+    old = {n: n.meta["val"] for n in program.graph.nodes if "val" in n.meta}
     # a meta kernel that cannot take symbolic sizes (FFTs, as in C3A) makes FakeTensor log an
     # error before it raises; here that only means the old values stay, so keep it quiet
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with mode:
-            collect.run(*args)
+        FakeTensorProp(program.graph_module, mode).propagate_dont_convert_inputs(*args)
     except Exception as e:  # metadata only: a failure must not stop the rewrite
         log.debug("could not refresh node values (%s); keeping the spliced ones", e)
+        for node in program.graph.nodes:
+            if node in old:
+                node.meta["val"] = old[node]
+            else:
+                node.meta.pop("val", None)
         return False
     finally:
         fake_log.setLevel(level)
-    for node, val in collect.values.items():
-        node.meta["val"] = val
     return True

@@ -85,10 +85,10 @@ def optional(rule: Rule, none_means: str) -> Rule:
     return Rule(f"null ({none_means}) or {rule.text}", lambda v: v is None or rule.ok(v))
 
 
-def hp(default: Any, rule: Rule, about: str = "") -> Any:
+def hp(default: Any, rule: Rule, about: str = "", hint: str = "") -> Any:
     """Declare a hyperparameter field: its default, its constraint, and optionally what it is
-    (shown in messages: "rank (the block size) must be ...")."""
-    return dataclasses.field(default=default, metadata={"rule": rule, "about": about})
+    and what to do instead (shown in messages: "rank (the block size) must be ..., got 0")."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "about": about, "hint": hint})
 
 
 def validate_fields(method: object) -> None:
@@ -98,7 +98,10 @@ def validate_fields(method: object) -> None:
         value = getattr(method, f.name)
         if rule is not None and not rule.ok(value):
             about = f" ({f.metadata['about']})" if f.metadata.get("about") else ""
-            raise ValueError(f"{method.name}: {f.name}{about} must be {rule.text}, got {value!r}")
+            hint = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
+            raise ValueError(
+                f"{method.name}: {f.name}{about} must be {rule.text}, got {value!r}{hint}"
+            )
 
 
 # -- the contract ----------------------------------------------------------------------------

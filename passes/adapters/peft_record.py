@@ -32,6 +32,9 @@ class PeftField:
     used when the config lacks the field. `pattern` names the config's per-module dict
     (LoRA's "rank_pattern"); a field without one must be the same on every module of a plan
     to be saved, unless `init_only` (it only shaped the init: the most common value is written).
+    Where a field's value depends on other fields (MiSS: mini_r counts only in the "mini"
+    form), `from_config` reads it from the whole config and `from_method` writes it from the
+    whole method, instead of `read` and `write`.
     """
 
     key: str
@@ -40,6 +43,8 @@ class PeftField:
     read: Callable[[Any], Any] = _same  # config value -> hyperparameter
     write: Callable[[Any], Any] = _same  # hyperparameter -> config value
     init_only: bool = False
+    from_config: Callable[[Mapping], Any] | None = None
+    from_method: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)

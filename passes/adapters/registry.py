@@ -1,7 +1,8 @@
 """The registry of adapter methods: name -> frozen dataclass. Methods register themselves.
 
 Every module in this package is imported once on first lookup, so adding a method is
-adding one file that decorates its class with `@register("name")`.
+adding one file that decorates its class with `@register("name")`. Modules that register
+nothing (the contract, shared helpers, the insertion pass) are simply imported too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import importlib
 import pkgutil
 
 _METHODS: dict[str, type] = {}
-_NOT_METHODS = {"base", "registry", "insert"}
 _DISCOVERED = False
 
 
@@ -29,8 +29,7 @@ def _discover() -> None:
     import passes.adapters as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _NOT_METHODS:
-            importlib.import_module(f"passes.adapters.{info.name}")
+        importlib.import_module(f"passes.adapters.{info.name}")
 
 
 def methods() -> dict[str, type]:
