@@ -9,7 +9,7 @@ from peft import MissConfig, get_peft_model
 
 from passes.adapters.bone import Bone
 from passes.adapters.registry import methods
-from peftc.peft_format import method_for_config
+from peftc.peft_format import claims, method_for_config
 from rewrite.spec import SpecError, load_spec, resolve
 from tests.method_checks import (
     assert_costs_match,
@@ -79,8 +79,8 @@ def test_costs_match_peft(case):
 def test_only_the_block_affine_mode_is_claimed():
     # MiSS's default (shard-sharing) and mini modes are other maths than Bone's
     assert method_for_config({"peft_type": "MISS", "init_weights": "bat"}) is Bone
-    assert not Bone.claims_peft({"peft_type": "MISS", "init_weights": True})
-    assert not Bone.claims_peft({"peft_type": "MISS", "init_weights": "mini"})
+    assert not claims(Bone, {"peft_type": "MISS", "init_weights": True})
+    assert not claims(Bone, {"peft_type": "MISS", "init_weights": "mini"})
 
 
 def test_block_size_that_does_not_divide_is_refused_as_peft_does(llama):

@@ -16,22 +16,13 @@ in_features and out_features. Dropout does not apply: the update is to the weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    is_int,
-)
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.contract import POSITIVE_INT, Method, hp
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -46,22 +37,20 @@ def block_affine_delta(W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 @register("bone")
 @dataclass(frozen=True)
-class Bone:
-    rank: int = 64  # the block size r (PEFT's MissConfig.r)
+class Bone(Method):
+    rank: int = hp(64, POSITIVE_INT, "the block size")  # PEFT's MissConfig.r
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear",)
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "MISS"
+    # MissConfig's other forms (init_weights True, False, "mini") are the `miss` method's.
+    peft = PeftFormat(
+        peft_type="MISS",
+        config="MissConfig",
+        when={"init_weights": lambda v: v == "bat"},
+        fields={"rank": PeftField("r", 64, read=int)},
+        keys={"miss_block": "miss_block"},
+        constants={"init_weights": "bat", "miss_dropout": 0.0, "mini_r": 1},
+    )
 
-    def __post_init__(self) -> None:
-        r = self.rank
-        if not is_int(r) or r <= 0:
-            raise ValueError(f"bone: rank (the block size) must be a positive integer, got {r!r}")
-
-    def check(self, site: Site) -> str | None:
-        """Why this method cannot adapt `site`, or None when it can."""
-        if site.op not in self.supported_ops:
-            return f"bone supports linear layers only (as PEFT's MiSS does), not {site.op} sites"
+    def check_site(self, site: Site) -> str | None:
         r = self.rank
         for what, n in (("in_features", site.in_features), ("out_features", site.out_features)):
             if n % r:
@@ -108,36 +97,3 @@ class Bone:
             activation_bytes=D_IN * D_OUT * dtype_bytes(site.dtype),  # ΔW is kept for backward
             symbols={D_IN: site.in_features, D_OUT: site.out_features, R: self.rank},
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {"miss_block": "miss_block"}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "MISS" and config.get("init_weights") == "bat"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {"rank": int(config.get("r", 64))}
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return {}  # MissConfig has no per-module patterns
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        ranks = {a.method.rank for a in assignments}
-        if len(ranks) > 1:
-            raise ValueError(
-                f"PEFT's MissConfig holds one block size r for all modules; this plan uses "
-                f"{sorted(ranks)}, so it cannot be saved in PEFT format"
-            )
-        return {
-            "peft_type": "MISS",
-            "r": ranks.pop(),
-            "init_weights": "bat",
-            "miss_dropout": 0.0,
-            "mini_r": 1,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "bias": "none",
-        }

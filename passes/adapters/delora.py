@@ -26,49 +26,37 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
-    is_int,
-    peft_pattern_value,
     site_symbols,
 )
+from passes.adapters.contract import FLAG, POSITIVE_INT, PROBABILITY, Method, Rule, at_least, hp
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
 NORM_EPS = 1e-4  # PEFT clamps the rank-1 norms to at least this
+NORM_BOUND = Rule(">= 0 and finite", lambda v: at_least(0).ok(v) and math.isfinite(v))
 
 
 @register("delora")
 @dataclass(frozen=True)
-class DeLoRA:
-    rank: int = 8
-    delora_lambda: float = 15.0
-    dropout: float = 0.0
-    init_weights: bool = True  # False: B random too (PEFT's testing init)
+class DeLoRA(Method):
+    rank: int = hp(8, POSITIVE_INT)
+    delora_lambda: float = hp(15.0, NORM_BOUND, "the norm bound")
+    dropout: float = hp(0.0, PROBABILITY)
+    init_weights: bool = hp(True, FLAG)  # False: B random too (PEFT's testing init)
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear",)
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "DELORA"
     save_frozen: ClassVar[bool] = True  # delora_w_norm is part of PEFT's checkpoint
-
-    def __post_init__(self) -> None:
-        if not is_int(self.rank) or self.rank <= 0:
-            raise ValueError(f"delora: rank must be a positive integer, got {self.rank!r}")
-        lam = self.delora_lambda
-        if not isinstance(lam, int | float) or isinstance(lam, bool) or not math.isfinite(lam):
-            raise ValueError(f"delora: delora_lambda must be a finite number, got {lam!r}")
-        if lam < 0:
-            raise ValueError(f"delora: delora_lambda (the norm bound) must be >= 0, got {lam!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"delora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(
-                f"delora: init_weights must be true or false, got {self.init_weights!r}"
-            )
-
-    def check(self, site: Site) -> str | None:
-        """Why this method cannot adapt `site`, or None when it can."""
-        if site.op not in self.supported_ops:
-            return f"delora supports linear layers only (as PEFT does), not {site.op} sites"
-        return None
+    peft = PeftFormat(
+        peft_type="DELORA",
+        config="DeloraConfig",
+        fields={
+            "rank": PeftField("r", 8, pattern="rank_pattern", read=int),
+            "delora_lambda": PeftField("delora_lambda", 15, pattern="lambda_pattern"),
+            "dropout": PeftField("module_dropout", 0.0, read=float),
+            "init_weights": PeftField("init_weights", True, read=bool),
+        },
+        keys={n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")},
+    )
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r = self.rank
@@ -128,57 +116,3 @@ class DeLoRA:
             activation_bytes=T * (D_IN + R) * dtype_bytes(site.dtype),
             symbols=site_symbols(site, self.rank),
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {n: n for n in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "DELORA"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "rank": int(config.get("r", 8)),
-            "delora_lambda": config.get("delora_lambda", 15),
-            "dropout": float(config.get("module_dropout", 0.0)),
-            "init_weights": bool(config.get("init_weights", True)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        out = {}
-        rank = peft_pattern_value(config.get("rank_pattern") or {}, path)
-        lam = peft_pattern_value(config.get("lambda_pattern") or {}, path)
-        if rank is not None:
-            out["rank"] = int(rank)
-        if lam is not None:
-            out["delora_lambda"] = lam
-        return out
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        base = max(methods, key=lambda m: sum(o == m for o in methods))
-        if len({(m.dropout, m.init_weights) for m in methods}) > 1:
-            raise ValueError(
-                "PEFT's DeloraConfig holds one module_dropout and init_weights for all "
-                "modules; this plan mixes them, so it cannot be saved in PEFT format"
-            )
-        return {
-            "peft_type": "DELORA",
-            "r": base.rank,
-            "delora_lambda": base.delora_lambda,
-            "module_dropout": base.dropout,
-            "init_weights": base.init_weights,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "rank_pattern": {
-                a.site.path: a.method.rank for a in assignments if a.method.rank != base.rank
-            },
-            "lambda_pattern": {
-                a.site.path: a.method.delora_lambda
-                for a in assignments
-                if a.method.delora_lambda != base.delora_lambda
-            },
-            "bias": "none",
-        }

@@ -18,17 +18,9 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    is_int,
-)
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.contract import FLAG, POSITIVE_NUMBER, PROBABILITY, Method, hp, int_at_least
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -37,52 +29,47 @@ HYBRID = sympy.Symbol("h", nonnegative=True, integer=True)
 
 @register("gralora")
 @dataclass(frozen=True)
-class GraLoRA:
-    rank: int = 32
-    alpha: float = 64.0
-    k: int = 2
-    hybrid_r: int = 0
-    dropout: float = 0.0
-    init_weights: bool = True  # False: B random too (PEFT's testing init)
+class GraLoRA(Method):
+    rank: int = hp(32, int_at_least(1))
+    alpha: float = hp(64.0, POSITIVE_NUMBER)
+    k: int = hp(2, int_at_least(1))
+    hybrid_r: int = hp(0, int_at_least(0))
+    dropout: float = hp(0.0, PROBABILITY)
+    init_weights: bool = hp(True, FLAG)  # False: B random too (PEFT's testing init)
 
     supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "GRALORA"
+    peft = PeftFormat(
+        peft_type="GRALORA",
+        config="GraloraConfig",
+        fields={
+            "rank": PeftField("r", 32, read=int),
+            "alpha": PeftField("alpha", 64),
+            "k": PeftField("gralora_k", 2, read=int),
+            "hybrid_r": PeftField("hybrid_r", 0, read=int),
+            "dropout": PeftField("gralora_dropout", 0.0, read=float),
+            "init_weights": PeftField("init_weights", True, read=bool),
+        },
+        keys={  # the hybrid LoRA's only where hybrid_r > 0 (params has them)
+            "gralora_A": "gralora_A",
+            "gralora_B": "gralora_B",
+            "gralora_A_general": "gralora_A_general.weight",
+            "gralora_B_general": "gralora_B_general.weight",
+        },
+        fan_in_fan_out=True,
+    )
 
-    def __post_init__(self) -> None:
-        def positive_int(name: str, v: object, low: int) -> None:
-            if not is_int(v) or v < low:
-                raise ValueError(f"gralora: {name} must be an integer >= {low}, got {v!r}")
-
-        positive_int("rank", self.rank, 1)
-        positive_int("k", self.k, 1)
-        positive_int("hybrid_r", self.hybrid_r, 0)
+    def validate(self) -> None:
         if self.rank % self.k:
             raise ValueError(
                 f"gralora: rank {self.rank} must be divisible by k {self.k} (each of the k×k "
                 "blocks gets rank r/k); choose k among the divisors of the rank"
-            )
-        if (
-            not isinstance(self.alpha, int | float)
-            or isinstance(self.alpha, bool)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"gralora: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"gralora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(
-                f"gralora: init_weights must be true or false, got {self.init_weights!r}"
             )
 
     @property
     def scaling(self) -> float:
         return self.alpha / (self.rank + self.hybrid_r)
 
-    def check(self, site: Site) -> str | None:
-        """Why this method cannot adapt `site`, or None when it can."""
-        if site.op not in self.supported_ops:
-            return f"gralora supports linear and GPT-2 Conv1D (addmm) layers, not {site.op} sites"
+    def check_site(self, site: Site) -> str | None:
         for what, n in (("in_features", site.in_features), ("out_features", site.out_features)):
             if n % self.k:
                 return (
@@ -112,17 +99,13 @@ class GraLoRA:
         As, Bs = [], []
         for _ in range(k):
             As.append(_kaiming(torch.empty(r, sub_in), generator))
-            Bs.append(
-                _kaiming(torch.empty(sub_out, r), generator)
-                if not self.init_weights
-                else torch.zeros(sub_out, r)
-            )
+            B = torch.zeros(sub_out, r)
+            Bs.append(B if self.init_weights else _kaiming(B, generator))
         out = {
             "gralora_A": torch.stack(As).transpose(1, 2).contiguous(),
             "gralora_B": torch.stack(Bs).transpose(1, 2).contiguous(),
         }
-        if self.hybrid_r:
-            h = self.hybrid_r
+        if h := self.hybrid_r:
             out["gralora_A_general"] = _kaiming(torch.empty(h, site.in_features), generator)
             B = torch.empty(site.out_features, h)
             out["gralora_B_general"] = B.zero_() if self.init_weights else _kaiming(B, generator)
@@ -136,8 +119,7 @@ class GraLoRA:
         p: dict[str, torch.Tensor],
         ctx: SiteContext,
     ) -> torch.Tensor:
-        A, B, k = p["gralora_A"], p["gralora_B"], self.k
-        sr = self.rank // k
+        A, B, k, sr = p["gralora_A"], p["gralora_B"], self.k, self.rank // self.k
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         hb = h.reshape(-1, k, A.shape[1])  # [tokens, k input blocks, in/k]
         z = torch.einsum("tni,nir->tnr", hb, A)  # each input block through its own A_n
@@ -160,13 +142,11 @@ class GraLoRA:
 
     def delta(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unscaled update [out, in]: block (j, n) = (A_n[:, j-th r/k] · B_j[n-th r/k])ᵀ."""
-        A, B, k = p["gralora_A"], p["gralora_B"], self.k
-        sr = self.rank // k
+        A, B, k, sr = p["gralora_A"], p["gralora_B"], self.k, self.rank // self.k
         sub_in, sub_out = A.shape[1], B.shape[2]
         A4 = A.reshape(k, sub_in, k, sr)  # [n, i, j, s]
         B4 = B.reshape(k, k, sr, sub_out)  # [j, n, s, o]
-        delta_t = torch.einsum("nijs,jnso->nijo", A4, B4).reshape(k * sub_in, k * sub_out)
-        delta = delta_t.t()
+        delta = torch.einsum("nijs,jnso->nijo", A4, B4).reshape(k * sub_in, k * sub_out).t()
         if self.hybrid_r:
             delta = delta + p["gralora_B_general"] @ p["gralora_A_general"]
         return delta
@@ -174,68 +154,15 @@ class GraLoRA:
     def cost(self, site: Site) -> Cost:
         params = (R + HYBRID) * (D_IN + D_OUT)
         flops_forward = 2 * T * (R + HYBRID) * (D_IN + D_OUT) + 2 * T * D_OUT
+        saved = R + HYBRID + (D_IN if self.dropout > 0 else 0)
+        symbols = {D_IN: site.in_features, D_OUT: site.out_features, R: self.rank}
         return Cost(
             params=params,
             flops_forward=flops_forward,
             flops_backward=2 * flops_forward,
-            activation_bytes=T
-            * (R + HYBRID + (D_IN if self.dropout > 0 else 0))
-            * dtype_bytes(site.dtype),
-            symbols={
-                D_IN: site.in_features,
-                D_OUT: site.out_features,
-                R: self.rank,
-                HYBRID: self.hybrid_r,
-            },
+            activation_bytes=T * saved * dtype_bytes(site.dtype),
+            symbols={**symbols, HYBRID: self.hybrid_r},
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        keys = {"gralora_A": "gralora_A", "gralora_B": "gralora_B"}
-        if self.hybrid_r:
-            keys["gralora_A_general"] = "gralora_A_general.weight"
-            keys["gralora_B_general"] = "gralora_B_general.weight"
-        return keys
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "GRALORA"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "rank": int(config.get("r", 32)),
-            "alpha": config.get("alpha", 64),
-            "k": int(config.get("gralora_k", 2)),
-            "hybrid_r": int(config.get("hybrid_r", 0)),
-            "dropout": float(config.get("gralora_dropout", 0.0)),
-            "init_weights": bool(config.get("init_weights", True)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return {}  # GraloraConfig has no per-module patterns
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = {a.method for a in assignments}
-        if len(methods) > 1:
-            raise ValueError(
-                "PEFT's GraloraConfig holds one set of hyperparameters for all modules; this "
-                "plan gives modules different ones, so it cannot be saved in PEFT format"
-            )
-        m = methods.pop()
-        return {
-            "peft_type": "GRALORA",
-            "r": m.rank,
-            "alpha": m.alpha,
-            "gralora_k": m.k,
-            "hybrid_r": m.hybrid_r,
-            "gralora_dropout": m.dropout,
-            "init_weights": m.init_weights,
-            "fan_in_fan_out": all(a.site.op == "addmm" for a in assignments),
-            "target_modules": sorted(a.site.path for a in assignments),
-            "bias": "none",
-        }
 
 
 def _kaiming(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -19,19 +19,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    is_int,
-    require_uniform,
-    site_symbols,
-)
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.contract import FLAG, POSITIVE_INT, Method, hp
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -42,37 +32,30 @@ def _fan_in(site: Site) -> int:
 
 @register("hra")
 @dataclass(frozen=True)
-class HRA:
-    rank: int = 8
-    apply_GS: bool = False  # noqa: N815 (PEFT's name)
-    init_weights: bool = True
+class HRA(Method):
+    rank: int = hp(8, POSITIVE_INT)
+    apply_GS: bool = hp(False, FLAG)  # noqa: N815 (PEFT's name)
+    init_weights: bool = hp(True, FLAG)
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "HRA"
+    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "conv2d")  # as PEFT's HRA
+    peft = PeftFormat(
+        peft_type="HRA",
+        config="HRAConfig",
+        fields={
+            "rank": PeftField("r", 8, read=int),
+            "apply_GS": PeftField("apply_GS", False, read=bool),
+            "init_weights": PeftField("init_weights", True, read=bool),
+        },
+        keys={"hra_u": "hra_u"},
+    )
 
-    def __post_init__(self) -> None:
-        if not is_int(self.rank) or self.rank <= 0:
-            raise ValueError(f"hra: rank must be a positive integer, got {self.rank!r}")
-        for name in ("apply_GS", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"hra: {name} must be true or false, got {getattr(self, name)!r}")
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return (
-                f"hra supports nn.Linear and nn.Conv2d layers (as PEFT does), not {site.op} sites"
-            )
+    def check_site(self, site: Site) -> str | None:
         g = site.conv
         if g is not None:
             if g.groups != 1 or set(g.dilation) != {1}:
                 return "hra supports convolutions with groups=1 and dilation=1 only"
-            if (
-                len(set(g.kernel)) != 1
-                or isinstance(g.padding, str)
-                or len(set(g.padding)) != 1
-                or len(set(g.stride)) != 1
-            ):
+            sides = (g.kernel, g.padding, g.stride)
+            if isinstance(g.padding, str) or any(len(set(t)) != 1 for t in sides):
                 return "hra supports square kernels with equal stride and padding per side only"
         if self.apply_GS and self.rank > _fan_in(site):
             return (
@@ -88,16 +71,14 @@ class HRA:
         self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         d, r = _fan_in(site), self.rank
-        # With apply_GS, repeated columns would orthonormalise to 0/0 (NaN in PEFT), and
-        # I - 2QQᵀ is never the identity anyway: such adapters start random.
-        if self.init_weights and r % 2 == 0 and not self.apply_GS:
-            # PEFT's symmetric init: each column twice, so the reflections cancel in pairs
-            half = torch.empty(d, r // 2)
-            torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5), generator=generator)
-            u = torch.repeat_interleave(half, 2, dim=1)
-        else:  # PEFT: odd r cannot be symmetric, so it starts random (not the identity)
-            u = torch.empty(d, r)
-            torch.nn.init.kaiming_uniform_(u, a=math.sqrt(5), generator=generator)
+        # PEFT's symmetric init repeats each column, so the reflections cancel in pairs. Odd r
+        # cannot be symmetric, and with apply_GS repeated columns would orthonormalise to 0/0
+        # (NaN in PEFT) and I - 2QQᵀ is never the identity anyway: those start random.
+        symmetric = self.init_weights and r % 2 == 0 and not self.apply_GS
+        u = torch.empty(d, r // 2 if symmetric else r)
+        torch.nn.init.kaiming_uniform_(u, a=math.sqrt(5), generator=generator)
+        if symmetric:
+            u = torch.repeat_interleave(u, 2, dim=1)
         return {"hra_u": u.to(W.dtype)}
 
     def _factors(self, W: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +113,7 @@ class HRA:
         p: dict[str, torch.Tensor],
         ctx: SiteContext,
     ) -> torch.Tensor:
-        site = ctx.site
-        g = site.conv
+        site, g = ctx.site, ctx.site.conv
         W2 = W.flatten(1) if g is not None else W
         U, K = self._factors(W2, p["hra_u"])
         if g is not None:
@@ -161,38 +141,5 @@ class HRA:
             flops_forward=flops_forward,
             flops_backward=2 * flops_forward,
             activation_bytes=(T * R + R * D_OUT) * dtype_bytes(site.dtype),
-            symbols=site_symbols(site, self.rank),
+            symbols={D_IN: site.in_features, D_OUT: site.out_features, R: self.rank},
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {"hra_u": "hra_u"}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "HRA"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "rank": int(config.get("r", 8)),
-            "apply_GS": bool(config.get("apply_GS", False)),
-            "init_weights": bool(config.get("init_weights", True)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return {}  # HRAConfig has no per-module patterns
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        require_uniform(methods, ("rank", "apply_GS", "init_weights"), "HRAConfig")
-        base = methods[0]
-        return {
-            "peft_type": "HRA",
-            "r": base.rank,
-            "apply_GS": base.apply_GS,
-            "init_weights": base.init_weights,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "bias": "none",
-        }
