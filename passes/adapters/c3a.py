@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import sympy
 import torch
 from torch.fft import fft, ifft
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes, is_int
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes
+from passes.adapters.contract import POSITIVE_INT, Method, hp, one_of
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -38,25 +39,27 @@ def circulant(w: torch.Tensor) -> torch.Tensor:
 
 @register("c3a")
 @dataclass(frozen=True)
-class C3A:
-    block_size: int = 256
-    init_weights: str = "xavier_uniform"
+class C3A(Method):
+    block_size: int = hp(256, POSITIVE_INT)
+    init_weights: str = hp("xavier_uniform", one_of(*INITS))
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear",)
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "C3A"
+    peft = PeftFormat(
+        peft_type="C3A",
+        config="C3AConfig",
+        fields={
+            "block_size": PeftField("block_size", 256, pattern="block_size_pattern", read=int),
+            "init_weights": PeftField(
+                "init_weights",
+                "xavier_uniform",
+                read=lambda v: _FROM_PEFT.get(v, v),
+                write=lambda v: True if v == "zeros" else v,
+            ),
+        },
+        keys={"c3a_kernel": "c3a_kernel"},
+        pattern_lookup="suffix_or_path",
+    )
 
-    def __post_init__(self) -> None:
-        b = self.block_size
-        if not is_int(b) or b <= 0:
-            raise ValueError(f"c3a: block_size must be a positive integer, got {b!r}")
-        if self.init_weights not in INITS:
-            raise ValueError(f"c3a: init_weights must be one of {INITS}, got {self.init_weights!r}")
-
-    def check(self, site: Site) -> str | None:
-        """Why this method cannot adapt `site`, or None when it can."""
-        if site.op not in self.supported_ops:
-            return f"c3a supports linear layers only (as PEFT does), not {site.op} sites"
+    def check_site(self, site: Site) -> str | None:
         b = self.block_size
         for what, n in (("in_features", site.in_features), ("out_features", site.out_features)):
             if n % b:
@@ -122,51 +125,3 @@ class C3A:
             activation_bytes=T * D_IN * 2 * dtype_bytes(torch.float32),  # ifft(x), complex
             symbols={D_IN: site.in_features, D_OUT: site.out_features, BLOCK: self.block_size},
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {"c3a_kernel": "c3a_kernel"}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "C3A"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        init = config.get("init_weights", "xavier_uniform")
-        return {
-            "block_size": int(config.get("block_size", 256)),
-            "init_weights": _FROM_PEFT.get(init, init),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        # PEFT's C3A lookup: the first key k with re.match(rf".*\.{k}$", path), else the path.
-        import re
-
-        patterns = config.get("block_size_pattern") or {}
-        key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
-        return {"block_size": int(patterns[key])} if key in patterns else {}
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        base = max(methods, key=lambda m: sum(o == m for o in methods))
-        if len({m.init_weights for m in methods}) > 1:
-            raise ValueError(
-                "PEFT's C3AConfig holds one init_weights for all modules; this plan mixes "
-                "them, so it cannot be saved in PEFT format"
-            )
-        init = True if base.init_weights == "zeros" else base.init_weights
-        return {
-            "peft_type": "C3A",
-            "block_size": base.block_size,
-            "block_size_pattern": {
-                # full paths: PEFT falls back to an exact lookup of the module's path
-                a.site.path: a.method.block_size
-                for a in assignments
-                if a.method.block_size != base.block_size
-            },
-            "target_modules": sorted(a.site.path for a in assignments),
-            "bias": "none",
-            "init_weights": init,
-        }

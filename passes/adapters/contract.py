@@ -134,7 +134,10 @@ class Method(ABC):
         """Why this method cannot adapt `site`, or None when it can."""
         if site.op not in self.supported_ops:
             kinds = dict.fromkeys("linear" if op == "addmm" else op for op in self.supported_ops)
-            return f"{self.name} supports {', '.join(kinds)} layers only, not {site.op} sites"
+            conv1d = " (GPT-2's Conv1D, its weight stored transposed)" if site.op == "addmm" else ""
+            return (
+                f"{self.name} supports {', '.join(kinds)} layers only, not {site.op} sites{conv1d}"
+            )
         return self.check_site(site)
 
     def check_site(self, site: Site) -> str | None:

@@ -10,9 +10,6 @@ identity).
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,16 +17,16 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    SiteContext,
-    T,
-    is_int,
-    require_uniform,
+from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T
+from passes.adapters.contract import (
+    FINITE_NON_ZERO,
+    FLAG,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    Method,
+    hp,
 )
+from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -49,45 +46,28 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @register("fourierft")
 @dataclass(frozen=True)
-class FourierFT:
-    n_frequency: int = 1000
-    scaling: float = 150.0
-    random_loc_seed: int = 777
-    init_weights: bool = False
+class FourierFT(Method):
+    n_frequency: int = hp(1000, POSITIVE_INT)
+    scaling: float = hp(150.0, FINITE_NON_ZERO)
+    random_loc_seed: int = hp(777, NON_NEGATIVE_INT)
+    init_weights: bool = hp(False, FLAG)
 
     supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "FOURIERFT"
+    peft = PeftFormat(
+        peft_type="FOURIERFT",
+        config="FourierFTConfig",
+        fields={
+            "n_frequency": PeftField("n_frequency", 1000, pattern="n_frequency_pattern"),
+            "scaling": PeftField("scaling", 150.0),
+            "random_loc_seed": PeftField("random_loc_seed", 777),
+            "init_weights": PeftField("init_weights", False, read=bool),
+        },
+        keys={"fourierft_spectrum": "fourierft_spectrum"},
+        fan_in_fan_out=True,
+        pattern_lookup="suffix_or_path",
+    )
 
-    def __post_init__(self) -> None:
-        if not is_int(self.n_frequency) or self.n_frequency <= 0:
-            raise ValueError(
-                f"fourierft: n_frequency must be a positive integer, got {self.n_frequency!r}"
-            )
-        if (
-            not isinstance(self.scaling, int | float)
-            or isinstance(self.scaling, bool)
-            or not math.isfinite(self.scaling)
-            or self.scaling == 0
-        ):
-            raise ValueError(
-                f"fourierft: scaling must be a finite non-zero number, got {self.scaling!r}"
-            )
-        if not is_int(self.random_loc_seed) or self.random_loc_seed < 0:
-            raise ValueError(
-                "fourierft: random_loc_seed must be a non-negative integer, "
-                f"got {self.random_loc_seed!r}"
-            )
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(
-                f"fourierft: init_weights must be true or false, got {self.init_weights!r}"
-            )
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return (
-                f"fourierft supports linear layers (nn.Linear, GPT-2 Conv1D), not {site.op} sites"
-            )
+    def check_site(self, site: Site) -> str | None:
         entries = site.in_features * site.out_features
         if self.n_frequency > entries:
             return (
@@ -161,47 +141,3 @@ class FourierFT:
                 N_FREQUENCY: self.n_frequency,
             },
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {"fourierft_spectrum": "fourierft_spectrum"}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "FOURIERFT"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        return {
-            "n_frequency": config.get("n_frequency", 1000),
-            "scaling": config.get("scaling", 150.0),
-            "random_loc_seed": config.get("random_loc_seed", 777),
-            "init_weights": bool(config.get("init_weights", False)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        """PEFT's n_frequency_pattern: the first key that is a dotted suffix of the path (a
-        regex), else the path itself as a key."""
-        patterns = config.get("n_frequency_pattern") or {}
-        key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
-        return {"n_frequency": patterns[key]} if key in patterns else {}
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        require_uniform(methods, ("scaling", "random_loc_seed", "init_weights"), "FourierFTConfig")
-        base = methods[0]
-        n = Counter(m.n_frequency for m in methods).most_common(1)[0][0]
-        return {
-            "peft_type": "FOURIERFT",
-            "n_frequency": n,
-            "n_frequency_pattern": {
-                a.site.path: a.method.n_frequency for a in assignments if a.method.n_frequency != n
-            },
-            "scaling": base.scaling,
-            "random_loc_seed": base.random_loc_seed,
-            "init_weights": base.init_weights,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "fan_in_fan_out": all(a.site.op == "addmm" for a in assignments),
-            "bias": "none",
-        }

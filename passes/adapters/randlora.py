@@ -10,12 +10,9 @@ The flattening order of the bases follows PEFT exactly, so PEFT checkpoints load
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
 
 import sympy
 import torch
@@ -30,13 +27,15 @@ from passes.adapters.base import (
     SiteContext,
     T,
     dtype_bytes,
-    is_int,
-    require_uniform,
     site_symbols,
 )
+from passes.adapters.contract import FLAG, POSITIVE_FINITE, POSITIVE_INT, Rule, hp
+from passes.adapters.peft_record import PeftField
 from passes.adapters.registry import register
+from passes.adapters.shared_projection import SharedProjection, projection_format
 from rewrite.sites import Site
-from rewrite.spec import SpecError
+
+POSITIVE_ALPHA = Rule("a positive number", POSITIVE_FINITE.ok)  # and finite
 
 
 def _n_bases(min_dim: int, rank: int) -> int:
@@ -76,84 +75,38 @@ def _bases(
 
 @register("randlora")
 @dataclass(frozen=True)
-class RandLoRA:
-    rank: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    sparse: bool = False
-    very_sparse: bool = False
-    init_weights: bool = True
-    # Size of the shared bases: the largest in/out over all sites (set by bind_plan, as PEFT's
-    # _find_dim does); a larger value may be given, a smaller one is refused by check().
-    max_in_features: int | None = field(default=None, repr=False)
-    max_out_features: int | None = field(default=None, repr=False)
+class RandLoRA(SharedProjection):
+    rank: int = hp(32, POSITIVE_INT)
+    alpha: float = hp(640.0, POSITIVE_ALPHA)
+    sparse: bool = hp(False, FLAG)
+    very_sparse: bool = hp(False, FLAG)
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm")
-    mergeable: ClassVar[bool] = True
-    peft_type: ClassVar[str] = "RANDLORA"
-
-    def __post_init__(self) -> None:
-        if not is_int(self.rank) or self.rank <= 0:
-            raise ValueError(f"randlora: rank must be a positive integer, got {self.rank!r}")
-        if (
-            not isinstance(self.alpha, int | float)
-            or not math.isfinite(self.alpha)
-            or self.alpha <= 0
-        ):
-            raise ValueError(f"randlora: alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"randlora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not is_int(self.projection_prng_key) or self.projection_prng_key < 0:
-            raise ValueError(
-                "randlora: projection_prng_key must be a non-negative integer, "
-                f"got {self.projection_prng_key!r}"
-            )
-        for name in ("save_projection", "sparse", "very_sparse", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"randlora: {name} must be true or false, got {getattr(self, name)!r}"
-                )
-        for name in ("max_in_features", "max_out_features"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(
-                    f"randlora: {name} must be a positive integer or null, got {value!r}"
-                )
+    shared_by_all = (*SharedProjection.shared_by_all, "sparse", "very_sparse")
+    shared_what = "one pair of random bases"
+    peft = projection_format(
+        "RANDLORA",
+        "RandLoraConfig",
+        "randlora",
+        32,
+        trained=("randlora_lambda", "randlora_gamma"),
+        fields={
+            "alpha": PeftField("randlora_alpha", 640),
+            "sparse": PeftField("sparse", False, read=bool),
+            "very_sparse": PeftField("very_sparse", False, read=bool),
+            "init_weights": PeftField("init_weights", True, read=bool, init_only=True),
+        },
+        # PEFT's checkpoints repeat the shared bases under every layer's path.
+        aliases={"randlora_A": ("randlora_A",), "randlora_B": ("randlora_B",)},
+    )
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    @property
-    def save_frozen(self) -> bool:
-        """PEFT's save_projection: the shared bases go into the checkpoint too."""
-        return self.save_projection
-
-    def check(self, site: Site) -> str | None:
-        if site.op not in self.supported_ops:
-            return f"randlora supports linear layers (nn.Linear, GPT-2 Conv1D), not {site.op} sites"
-        if self.max_in_features is not None and site.in_features > self.max_in_features:
-            return f"in_features {site.in_features} exceed max_in_features {self.max_in_features}"
-        if self.max_out_features is not None and site.out_features > self.max_out_features:
-            return (
-                f"out_features {site.out_features} exceed max_out_features {self.max_out_features}"
-            )
-        return None
-
-    def _shared_dims(self, site: Site) -> tuple[int, int]:
-        # (out, in) of the shared bases; unbound (a one-site plan): the site's own dims
-        return (
-            max(site.out_features, self.max_out_features or 0),
-            max(site.in_features, self.max_in_features or 0),
-        )
-
     def params(self, site: Site) -> dict[str, ParamSpec]:
-        r = self.rank
-        min_dim = min(site.in_features, site.out_features)
+        r, min_dim = self.rank, min(site.in_features, site.out_features)
         n = _n_bases(min_dim, r)
-        n_out, n_in = self._shared_dims(site)
+        n_in, n_out = self._shared_dims(site)
         shared_min = min(n_out, n_in)
         return {
             "randlora_lambda": ParamSpec((r, n)),
@@ -164,31 +117,11 @@ class RandLoRA:
             ),
         }
 
-    @classmethod
-    def bind_plan(cls, assignments: list) -> list:
-        """Size the shared bases by all RandLoRA sites; they must agree on what the bases are."""
-        for attr in ("rank", "projection_prng_key", "save_projection", "sparse", "very_sparse"):
-            values = {getattr(a.method, attr) for a in assignments}
-            if len(values) > 1:
-                raise SpecError(
-                    f"randlora: all sites share one pair of random bases, so {attr} must be the "
-                    f"same at every randlora site; this plan has {sorted(values)}"
-                )
-        n_in = max(max(a.site.in_features, a.method.max_in_features or 0) for a in assignments)
-        n_out = max(max(a.site.out_features, a.method.max_out_features or 0) for a in assignments)
-        return [
-            dataclasses.replace(
-                a,
-                method=dataclasses.replace(a.method, max_in_features=n_in, max_out_features=n_out),
-            )
-            for a in assignments
-        ]
-
     def init(
         self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
         shapes = self.params(site)
-        n_out, n_in = self._shared_dims(site)
+        n_in, n_out = self._shared_dims(site)
         A, B = _bases(
             self.projection_prng_key, self.rank, n_out, n_in, self.sparse, self.very_sparse
         )
@@ -199,12 +132,8 @@ class RandLoRA:
         else:
             lam = torch.randn(lam_shape, generator=generator)
             gamma = torch.full(gamma_shape, 1.0 / max(site.in_features, site.out_features))
-        return {
-            "randlora_lambda": lam.to(W.dtype),
-            "randlora_gamma": gamma.to(W.dtype),
-            "randlora_A": A.to(W.dtype),
-            "randlora_B": B.to(W.dtype),
-        }
+        values = {"randlora_lambda": lam, "randlora_gamma": gamma, "randlora_A": A, "randlora_B": B}
+        return {name: v.to(W.dtype) for name, v in values.items()}
 
     def _factors(self, site: Site, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(first [k, in], second [out, k]) with ΔW = s · second @ first (PEFT's get_scaled_bases)."""
@@ -259,62 +188,3 @@ class RandLoRA:
             * dtype_bytes(site.dtype),
             symbols=site_symbols(site, self.rank),
         )
-
-    def peft_keys(self, site: Site) -> dict[str, str]:
-        return {
-            "randlora_lambda": "randlora_lambda",
-            "randlora_gamma": "randlora_gamma",
-            "randlora_A": "base_model.randlora_A",
-            "randlora_B": "base_model.randlora_B",
-        }
-
-    def peft_aliases(self, site: Site) -> dict[str, list[str]]:
-        """PEFT's checkpoints repeat the shared bases under every layer's path."""
-        return {"randlora_A": ["randlora_A"], "randlora_B": ["randlora_B"]}
-
-    @classmethod
-    def claims_peft(cls, config: dict) -> bool:
-        return config.get("peft_type") == "RANDLORA"
-
-    @classmethod
-    def hyperparams_from_peft(cls, config: dict) -> dict:
-        key = config.get("projection_prng_key", 0)
-        return {
-            "rank": int(config.get("r", 32)),
-            "alpha": config.get("randlora_alpha", 640),
-            "dropout": float(config.get("randlora_dropout", 0.0)),
-            "projection_prng_key": int(key) if is_int(key) else key,
-            "save_projection": bool(config.get("save_projection", True)),
-            "sparse": bool(config.get("sparse", False)),
-            "very_sparse": bool(config.get("very_sparse", False)),
-            "init_weights": bool(config.get("init_weights", True)),
-        }
-
-    @classmethod
-    def overrides_from_peft(cls, config: dict, path: str) -> dict:
-        return {}  # RandLoraConfig has no per-module patterns
-
-    @classmethod
-    def peft_config(cls, assignments: list) -> dict:
-        methods = [a.method for a in assignments]
-        require_uniform(
-            methods,
-            ("rank", "alpha", "dropout", "projection_prng_key", "save_projection"),
-            "RandLoraConfig",
-        )
-        base = methods[0]
-        init = Counter(m.init_weights for m in methods).most_common(1)[0][0]
-        return {
-            "peft_type": "RANDLORA",
-            "r": base.rank,
-            "randlora_alpha": base.alpha,
-            "randlora_dropout": base.dropout,
-            "projection_prng_key": base.projection_prng_key,
-            "save_projection": base.save_projection,
-            "sparse": base.sparse,
-            "very_sparse": base.very_sparse,
-            "init_weights": init,
-            "target_modules": sorted(a.site.path for a in assignments),
-            "fan_in_fan_out": all(a.site.op == "addmm" for a in assignments),
-            "bias": "none",
-        }
