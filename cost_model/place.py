@@ -10,8 +10,15 @@ Strategies (the spec's `placement:` section, see `placement_spec.py`):
   each extra rank worth less, so the budget is spread over sites instead of one huge rank.
 - eva: EVA rank redistribution of the rules' rank budget (`eva_ranks.py`).
 
-Candidates are the sites the rules select (rules without targets select every site), minus
-embeddings, minus the output head (`lm_head`, scored but adapted only when a rule names it).
+Candidates are the sites of the repeated blocks (a layer index in the path, `Site.layer`) that
+the rules select (rules without targets select every one), minus embeddings. PLoP compares the
+module types of the blocks; a module outside them (a pooler, a classifier, a patch embedding)
+is one site that the loss may never read (a mean-pooled embedding never reads BERT's pooler),
+so it is a candidate only when a rule names it: a `targets` or `types` entry with no glob
+characters that is its path or a dotted suffix of it (`pooler.dense`; `dense` names every
+`*.dense`, the pooler's included). Wildcard targets (`*.dense`, `*`) and rules without
+targets never make it a candidate. The output head (`lm_head`) is scored but adapted only
+when a rule's target or type mentions it (`lm_head`, `*lm_head`).
 When the solver or EVA changes a site's rank, a method with `alpha` keeps alpha/rank as the
 rule set it (PEFT's EVA `adjust_scaling_factors`).
 """
@@ -33,8 +40,8 @@ from cost_model.solver import Option, solve
 from passes.adapters.base import bind_plan
 from rewrite.capture import capture_site_inputs
 from rewrite.program import Program
-from rewrite.sites import Site, SiteIndex, find_sites
-from rewrite.spec import AdaptationSpec, Assignment, SpecError, resolve
+from rewrite.sites import Site, SiteIndex, find_sites, type_matches
+from rewrite.spec import AdaptationSpec, Assignment, SpecError, path_matches, resolve
 
 HEAD_NAMES = ("lm_head",)
 
@@ -48,14 +55,39 @@ def _names_head(spec: AdaptationSpec, site: Site) -> bool:
     return any(name in t for rule in spec.adapters for t in (*rule.targets, *rule.types))
 
 
+def names_site(spec: AdaptationSpec, site: Site) -> bool:
+    """Whether a rule names this site: a target or type with no glob characters that is its
+    path or a dotted suffix of it. A wildcard says "whatever matches", not "this module", so
+    it does not count (see the module docstring)."""
+    for rule in spec.adapters:
+        if any(not _is_glob(t) and path_matches(site.path, t) for t in rule.targets):
+            return True
+        if any(type_matches(site.module_type, t) for t in rule.types if not _is_glob(t)):
+            return True
+    return False
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def outside_blocks_reason(site: Site) -> str:
+    return (
+        "not in a repeated block (no layer index): placement compares the blocks' module "
+        "types, and the loss may never read a module outside them; name it in targets "
+        f"(targets: [{site.path}]) to adapt it"
+    )
+
+
 def _excluded(spec: AdaptationSpec, site: Site, strategy: str) -> str | None:
     """Why a site can never be a candidate of this placement, or None."""
     if site.op == "embedding":
         return "embeddings are not placement candidates (give a manual rule to adapt them)"
-    if is_output_head(site) and not _names_head(spec, site):
-        return (
-            "the output head is scored but adapted only when a rule names it (targets: [lm_head])"
-        )
+    if is_output_head(site):
+        if not _names_head(spec, site):
+            return "the output head is scored but adapted only when a rule names it (targets: [lm_head])"
+    elif site.layer is None and not names_site(spec, site):
+        return outside_blocks_reason(site)
     if strategy == "plop" and (why := unscored_reason(site)) is not None:
         return why
     if strategy == "eva" and site.op not in ("linear", "addmm"):
@@ -79,6 +111,13 @@ def _candidates(
                 "to adapt them as written"
             )
     allowed = {s.path for s in sites if s.path not in excluded}
+    if not allowed and len(sites):
+        first = next(iter(sites))
+        raise SpecError(
+            f"placement {strategy} has no candidate site in this model ({first.path}: "
+            f"{excluded[first.path]}); name the modules to adapt in targets, or drop the "
+            "placement section"
+        )
     return resolve(spec, sites, methods, candidates=allowed), excluded
 
 
@@ -153,6 +192,10 @@ def place(
     )
     for path, why in excluded.items():
         plan.reasons[path] = f"not a candidate: {why}"
+    taken = {a.path for a in candidates}
+    for s in sites:
+        if s.path not in excluded and s.path not in taken:
+            plan.reasons[s.path] = "not selected: no rule's targets / types / layers select it"
     scores = None
     stats: dict[str, InputStats] = {}
     if have_data:
@@ -169,12 +212,23 @@ def place(
         _plop(plan, placement, candidates, scores)
     else:
         _eva(plan, placement, candidates, stats, sites, len(calibration))
+    for t, why in _excluded_types(sites, excluded).items():
+        if t in plan.type_scores:  # scored types are rows of the type table: say why not
+            plan.type_reasons[t] = f"not a candidate: {why}"
     for t in plan.type_scores:
         plan.type_reasons.setdefault(
             t, "no candidate site of this type (not selected, or excluded)"
         )
     plan.assignments = bind_plan(plan.assignments)  # size shared tensors by the chosen sites
     return plan
+
+
+def _excluded_types(sites: SiteIndex, excluded: Mapping[str, str]) -> dict[str, str]:
+    """The module types whose every site is excluded for one same reason, with the reason."""
+    why: dict[str, set[str]] = {}
+    for s in sites:
+        why.setdefault(s.module_type, set()).add(excluded.get(s.path, ""))
+    return {t: next(iter(w)) for t, w in why.items() if len(w) == 1 and "" not in w}
 
 
 def _measure(

@@ -8,6 +8,11 @@
       rho: 2                    # eva: each site may take up to round(rho * rank) components
       tau: 0.99                 # eva: cosine similarity at which components count as converged
 
+A placement chooses among the sites of the repeated blocks (a layer index in the module path):
+PLoP ranks the blocks' module types. A module outside them (a pooler, a classifier, a patch
+embedding) is a candidate only when a rule names it literally, `targets: [pooler.dense]` (no
+glob characters; `*.dense` does not name it); see `place.py`.
+
 A params budget is a count of trainable parameters, or a percentage of the base model's
 parameters. A flops budget is the adapters' extra forward FLOPs per token, or a percentage of
 the base model's forward FLOPs per token through its sites (2·d_in·d_out each, embeddings

@@ -1,8 +1,10 @@
 """The plan: which method and hyperparameters each chosen site gets, why, and what it costs.
 
 `type_scores` / `site_scores` hold PLoP NFN scores when the placement computed them;
-`reasons` says why each candidate site was or was not chosen, `type_reasons` the same per
-module type. `table()` renders it for people, `to_dict()` / `to_json()` for tools.
+`reasons` says why each site was or was not chosen (for a placement: every site, the ones it
+could never choose included, such as modules outside the repeated blocks), `type_reasons` the
+same per module type. `table()` renders it for people, left-out sites included, and
+`to_dict()` / `to_json()` for tools.
 """
 
 from __future__ import annotations
@@ -165,8 +167,30 @@ class Plan:
                     f"{'-' if nfn is None else f'{nfn:.3f}':>7}  {r.values['params']:>10,}  "
                     f"{r.values['flops_forward']:>12,}  {r.formulas['params']}"
                 )
+        lines.extend(self._left_out_lines())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _left_out_lines(self) -> list[str]:
+        """Why each site with a reason was not chosen, one line per (module type, reason): the
+        sites of one type usually share it, and a line per site would swamp a deep model."""
+        from rewrite.sites import split_path
+
+        chosen = {a.path for a in self.assignments}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for path, why in self.reasons.items():
+            if path not in chosen:
+                groups.setdefault((split_path(path)[0], why), []).append(path)
+        if not groups:
+            return []
+        rows = [
+            (paths[0] if len(paths) == 1 else t, len(paths), why)
+            for (t, why), paths in groups.items()
+        ]
+        width = max(28, *(len(r[0]) for r in rows))
+        lines = ["", f"{'left out':<{width}} {'sites':>5}  why"]
+        lines += [f"{label:<{width}} {n:>5}  {why}" for label, n, why in rows]
+        return lines
 
     def heatmap_data(self) -> tuple[list[int], list[str], list[list[float | None]]]:
         """Layers x module types of site NFN (None where a type has no scored site in a layer)."""

@@ -96,3 +96,22 @@ def perturb(params, std: float = 0.05, seed: int = 1) -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def tiny_bert(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A BERT encoder with a pooler: one linear outside the repeated blocks, which a loss on
+    mean-pooled `last_hidden_state` never reads."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config).eval()
