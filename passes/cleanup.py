@@ -9,6 +9,7 @@ from rewrite.program import Program
 class Cleanup:
     name = "cleanup"
     requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ("no_dead_code",)
 
     def __call__(self, program: Program) -> PassResult:
         modified = program.graph.eliminate_dead_code()

@@ -32,7 +32,8 @@ class FuseSiblings:
     """Group adapter `linear(x, A_i)` nodes by their input x; fuse groups of two or more."""
 
     name = "fuse_siblings"
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ("adapter_values",)  # the ranks come from the A matmuls' shapes
+    ensures: tuple[str, ...] = ("lint",)
 
     def __init__(self) -> None:
         self.stats = {}
@@ -88,7 +89,6 @@ class FuseSiblings:
             stats.matches += 1
             modified = True
         if modified:
-            graph.lint()
             program.graph_module.recompile()
         return PassResult(program.graph_module, modified)
 

@@ -19,7 +19,8 @@ import torch
 import torch.fx
 
 from passes.adapters.insert import PREFIX, logical_weight, param_target
-from rewrite.passes import PassResult
+from passes.cleanup import Cleanup
+from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, SiteIndex
 from rewrite.spec import Assignment
@@ -49,7 +50,7 @@ def merged_weights(
         with torch.no_grad():
             merged = method.merged_weight(site, logical_weight(site, W.detach().float()), p)
         if merged is None:
-            why = getattr(method, "unmergeable_reason", "its update depends on the input")
+            why = method.unmergeable_reason or "its update depends on the input"
             raise MergeError(
                 f"{method.name} at {site.path} cannot be merged: {why}. Export it unmerged instead."
             )
@@ -69,6 +70,7 @@ class MergeAdapters:
 
     name = "merge_adapters"
     requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ("lint", "no_adapters")
 
     def __init__(self, assignments: list[Assignment], merged: Mapping[str, torch.Tensor]):
         self.by_path = {a.site.path: a for a in assignments}
@@ -109,7 +111,6 @@ class MergeAdapters:
                 if not node.users and slot.target.startswith(PREFIX):
                     graph.erase_node(node)
                     program.slots.remove(slot)
-        graph.lint()
         program.graph_module.recompile()
         return PassResult(program.graph_module, modified)
 
@@ -125,7 +126,8 @@ class FoldWeights:
     """Feed each assigned site of a base program (no adapters) its merged weight."""
 
     name = "fold_weights"
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ("no_adapters",)
+    ensures: tuple[str, ...] = ("lint",)
 
     def __init__(self, sites: SiteIndex, assignments: list[Assignment], merged):
         self.sites = sites
@@ -157,7 +159,6 @@ class FoldWeights:
                     args[w_index] = placeholder
                     node.args = tuple(args)
             self.state[target] = self.merged[a.site.path]
-        program.graph.lint()
         program.graph_module.recompile()
         return PassResult(program.graph_module, bool(self.assignments))
 
@@ -171,9 +172,7 @@ def fold_weights(
 ) -> torch.fx.GraphModule:
     """A self-contained GraphModule of `program` (a base trace) with merged weights folded in."""
     fold = FoldWeights(sites, assignments, merged)
-    fold(program)
-    program.graph.eliminate_dead_code()  # as the merge pipeline's cleanup does
-    program.graph_module.recompile()
+    PassManager([fold, Cleanup()]).run(program)
     with torch.no_grad():
         owned = {k: v.detach().clone() for k, v in {**state, **fold.state}.items()}
     return unlift(program, owned)

@@ -8,12 +8,21 @@ separately traced graphs (dropout differs), built from the same plan and sharing
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from cost_model.plan import Plan
-from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
+from passes.adapters.insert import (
+    PREFIX,
+    AdapterStore,
+    create_adapter_tensors,
+    insert_adapters,
+    param_target,
+)
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
 from passes.merge import MergeAdapters, merged_weights
@@ -25,6 +34,29 @@ from rewrite.spec import AdaptationSpec
 from rewrite.trace import bind_call, check_inputs, trace
 from rewrite.unlift import unlift
 from rewrite.values import refresh_values
+
+
+class DeadAdapterWarning(UserWarning):
+    """Adapters got no gradient (all zero or None) in the first backward: their sites' outputs
+    most likely do not reach the loss, so they will never train."""
+
+
+def dead_adapters(plan: Plan, params: Mapping[str, torch.nn.Parameter]) -> list[str]:
+    """The planned sites whose own trainable adapter tensors all have a `.grad` that is None
+    or exactly zero. All of them, not any: LoRA's A gets a zero gradient at the first step
+    (B starts at zero) while B's is not. Shared tensors (VeRA's A/B) say nothing about one
+    site and are left out; a site with no trainable tensor of its own is never reported."""
+    dead = []
+    for a in plan.assignments:
+        own = [
+            params[param_target(a.method, a.site, name)]
+            for name, spec in a.method.params(a.site).items()
+            if spec.trainable and not spec.shared
+        ]
+        own = [p for p in own if p.requires_grad]
+        if own and all(p.grad is None or not bool(p.grad.any()) for p in own):
+            dead.append(a.site.path)
+    return dead
 
 
 class AdaptedModel(torch.nn.Module):
@@ -56,6 +88,10 @@ class AdaptedModel(torch.nn.Module):
         self._fuse = fuse
         self._compiled: dict[bool, Any] = {}
         self._refreshed: set[bool] = set()
+        # the first-backward gradient check (see _arm_gradient_check): done once per model
+        self._grad_check_done = False
+        self._grad_check_queued = False
+        self._grad_check_hooks: list[Any] = []
         self.pass_records: list[PassRecord] = []
         captured = None
         if calibration is not None:
@@ -99,7 +135,7 @@ class AdaptedModel(torch.nn.Module):
         if self._fuse:
             passes += [fold_scale(), FuseSiblings()]
         manager = PassManager([*passes, Cleanup()], debug=self._debug)
-        manager.run(program, keep_diffs=True)
+        manager.run(program)
         if not self.pass_records:  # the pipeline as run at compile time
             self.pass_records = manager.records
         return program
@@ -136,7 +172,50 @@ class AdaptedModel(torch.nn.Module):
         program = self.program()
         inputs = bind_call(self.base, args, kwargs)
         check_inputs(program, inputs)
-        return program.run(self.state(), inputs, self._compiled.get(program.training))
+        out = program.run(self.state(), inputs, self._compiled.get(program.training))
+        if not self._grad_check_done:  # after the first backward, this test is all it costs
+            self._arm_gradient_check(out)
+        return out
+
+    # -- the first-backward gradient check ---------------------------------------------------
+    #
+    # A dead adapter's parameters get no gradient, so hooks on them would never fire for it.
+    # Instead a hook on the model's outputs (outside the graph, so the Inductor-compiled
+    # function is untouched) queues a callback that autograd runs when the whole backward is
+    # done, every `.grad` accumulated; it reads the adapter tensors' `.grad` once, warns, and
+    # removes every hook. Until that first backward each forward registers hooks on its
+    # outputs (a forward whose outputs never see a backward keeps the check armed).
+
+    def _arm_gradient_check(self, out: Any) -> None:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return  # no backward will follow; or a caller's torch.compile traces this forward
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                self._grad_check_hooks.append(leaf.register_hook(self._on_output_grad))
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        if not (self._grad_check_done or self._grad_check_queued):
+            self._grad_check_queued = True  # several outputs (or forwards) share one backward
+            torch.autograd.Variable._execution_engine.queue_callback(self._check_gradients)
+
+    def _check_gradients(self) -> None:
+        self._grad_check_done = True
+        for handle in self._grad_check_hooks:
+            handle.remove()
+        self._grad_check_hooks.clear()
+        dead = dead_adapters(self.plan, self.named_adapter_parameters())
+        if not dead:
+            return
+        shown = ", ".join(dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else "")
+        warnings.warn(
+            f"peftc: after the first backward, {len(dead)} of {len(self.plan)} adapters got no "
+            f"gradient (all zero or None): {shown}. Their sites' outputs most likely do not "
+            "reach the loss (a loss on mean-pooled last_hidden_state never reads BERT's "
+            "pooler), so they will never train; leave them out of the spec, or make the loss "
+            "read those outputs",
+            DeadAdapterWarning,
+            stacklevel=1,  # autograd's engine calls this: no frame of the caller's to point at
+        )
 
     def compile_for_training(
         self,

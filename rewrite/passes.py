@@ -2,13 +2,16 @@
 
 A rule has a pattern (`matches`), a `check` that returns a reason when it declines, and a
 `rewrite`. A `RuleSet` pass applies its rules to each node and counts matches and declines
-by reason. The `PassManager` runs a named pipeline over a Program, records what each pass
-did, and with `debug=True` or PEFTC_DEBUG=1 prints a diff of the graph code per pass.
+by reason. A pass declares the graph conditions it `requires` and `ensures` (names in
+`CONDITIONS`); the `PassManager` checks them around each pass and names the pass that broke
+one. It records what each pass did (the code before and after, diffed only when asked), and
+with `debug=True` or PEFTC_DEBUG=1 prints the diff per pass.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 import time
@@ -46,22 +49,95 @@ class Rule(Protocol):
 class Pass(Protocol):
     name: str
     requires: tuple[str, ...]
+    ensures: tuple[str, ...]
 
     def __call__(self, program: Program) -> PassResult: ...
+
+
+def _adapter_values(program: Program) -> str | None:
+    bare = [
+        n.name
+        for n in program.graph.nodes
+        if n.op == "call_function" and n.meta.get("peftc") and n.users and "val" not in n.meta
+    ]
+    return f"adapter nodes without shape metadata: {', '.join(bare[:5])}" if bare else None
+
+
+def _adapter_nodes(program: Program) -> str | None:
+    left = [n.name for n in program.graph.nodes if n.meta.get("peftc")]
+    return f"adapter nodes remain: {', '.join(left[:5])}" if left else None
+
+
+def _lint(program: Program) -> str | None:
+    try:
+        program.graph.lint()
+    except Exception as e:  # lint raises RuntimeError and others; all mean a broken graph
+        return f"the graph does not lint: {e}"
+    return None
+
+
+def _dead_code(program: Program) -> str | None:
+    dead = [
+        n.name
+        for n in program.graph.nodes
+        if n.op == "call_function" and not n.users and not n.is_impure()
+    ]
+    return f"dead nodes: {', '.join(dead[:5])}" if dead else None
+
+
+# Graph conditions by name: each returns None when it holds, else what is wrong.
+CONDITIONS = {
+    "adapter_values": _adapter_values,  # adapter nodes carry meta["val"] (shapes, dtypes)
+    "no_adapters": _adapter_nodes,  # no node carries an adapter tag (merged graphs)
+    "lint": _lint,
+    "no_dead_code": _dead_code,
+}
+
+
+class PassConditionError(RuntimeError):
+    """A pass ran on a graph that lacks a condition it requires, or broke one it ensures."""
+
+
+def check_conditions(p: Pass, program: Program, which: str) -> None:
+    for name in getattr(p, which, ()):
+        if name not in CONDITIONS:
+            raise KeyError(
+                f"pass {p.name} names unknown condition {name!r}; known: {list(CONDITIONS)}"
+            )
+        why = CONDITIONS[name](program)
+        if why is None:
+            continue
+        if which == "requires":
+            raise PassConditionError(
+                f"pass {p.name} requires {name!r}, which does not hold before it ({why}); "
+                "run a pass that ensures it first"
+            )
+        raise PassConditionError(f"pass {p.name} should ensure {name!r}, but after it: {why}")
 
 
 class RuleSet:
     """A pass that tries each rule on each node, in graph order."""
 
-    requires: tuple[str, ...] = ()
-
-    def __init__(self, name: str, rules: list[Rule]):
+    def __init__(
+        self,
+        name: str,
+        rules: list[Rule],
+        requires: tuple[str, ...] = (),
+        ensures: tuple[str, ...] = ("lint",),
+    ):
+        self.requires = requires
+        self.ensures = ensures
         self.name = name
         self.rules = rules
         self.stats = {rule.name: RuleStats() for rule in rules}
 
     def __add__(self, other: RuleSet) -> RuleSet:
-        return RuleSet(f"{self.name}+{other.name}", self.rules + other.rules)
+        return RuleSet(
+            f"{self.name}+{other.name}",
+            self.rules + other.rules,
+            tuple(dict.fromkeys(self.requires + other.requires)),
+            tuple(c for c in self.ensures if c in other.ensures),
+        )
 
     def __call__(self, program: Program) -> PassResult:
         modified = False
@@ -78,7 +154,6 @@ class RuleSet:
                 modified = True
                 break
         if modified:
-            program.graph.lint()
             program.graph_module.recompile()
         return PassResult(program.graph_module, modified)
 
@@ -91,7 +166,20 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     rules: dict[str, RuleStats]
-    diff: str
+    code_before: str = field(repr=False)
+    code_after: str = field(repr=False)
+
+    @functools.cached_property
+    def diff(self) -> str:
+        """A unified diff of the graph code before and after the pass ("" if unchanged)."""
+        return "".join(
+            difflib.unified_diff(
+                self.code_before.splitlines(keepends=True),
+                self.code_after.splitlines(keepends=True),
+                f"before {self.name}",
+                f"after {self.name}",
+            )
+        )
 
 
 def _code(program: Program) -> str:
@@ -114,23 +202,17 @@ class PassManager:
     def pipeline(self) -> list[str]:
         return [p.name for p in self.passes]
 
-    def run(self, program: Program, keep_diffs: bool = False) -> Program:
+    def run(self, program: Program) -> Program:
         for p in self.passes:
-            before = _code(program) if (self.debug or keep_diffs) else ""
+            check_conditions(p, program, "requires")
+            # GraphModule.code is the source kept from the last recompile: holding it is free,
+            # and the diff is computed only when debug output or inspect reads it.
+            before = _code(program)
             n_before = len(program.graph.nodes)
             start = time.perf_counter()
             result = p(program)
             seconds = time.perf_counter() - start
-            diff = ""
-            if self.debug or keep_diffs:
-                diff = "".join(
-                    difflib.unified_diff(
-                        before.splitlines(keepends=True),
-                        _code(program).splitlines(keepends=True),
-                        f"before {p.name}",
-                        f"after {p.name}",
-                    )
-                )
+            check_conditions(p, program, "ensures")
             record = PassRecord(
                 p.name,
                 seconds,
@@ -138,7 +220,8 @@ class PassManager:
                 n_before,
                 len(program.graph.nodes),
                 dict(getattr(p, "stats", {})),
-                diff,
+                before,
+                _code(program),
             )
             self.records.append(record)
             if self.debug:
@@ -152,5 +235,5 @@ class PassManager:
                         f"[peftc]   rule {rule}: {stats.matches} matches, declines {dict(stats.declines)}",
                         file=sys.stderr,
                     )
-                print(diff or "[peftc]   (no change)", file=sys.stderr)
+                print(record.diff or "[peftc]   (no change)", file=sys.stderr)
         return program

@@ -1,0 +1,189 @@
+"""Rules and passes on hand-built graphs of a few nodes, with no model: each rule's rewrite
+and each reason it declines, and the pass manager's requires/ensures checks."""
+
+import operator
+
+import pytest
+import torch
+import torch.fx
+
+from passes.cleanup import Cleanup
+from passes.fuse import FuseSiblings, fold_scale
+from rewrite.passes import PassConditionError, PassManager, PassResult
+from rewrite.program import PARAMETER, USER_INPUT, Program, Slot
+
+aten = torch.ops.aten
+TAG = {"site": "s", "method": "lora", "role": "adapter"}
+
+
+def program(graph: torch.fx.Graph, params: list[str], training: bool = True) -> Program:
+    """A Program over `graph` whose placeholders `params` (lower case, as fx names them) are
+    adapter parameters and `x` the input."""
+    slots = [Slot(PARAMETER, p, f"adapters.{p}") for p in params] + [Slot(USER_INPUT, "x", "x")]
+    return Program(
+        torch.fx.GraphModule(torch.nn.Module(), graph),
+        slots,
+        ["x"],
+        None,
+        None,
+        [],
+        {},
+        {},
+        training,
+    )
+
+
+def placeholders(g: torch.fx.Graph, *names: str) -> list[torch.fx.Node]:
+    return [g.placeholder(n) for n in names]
+
+
+def tagged(node: torch.fx.Node, val: torch.Tensor | None = None, **extra) -> torch.fx.Node:
+    node.meta["peftc"] = {**TAG, **extra}
+    if val is not None:
+        node.meta["val"] = val
+    return node
+
+
+def run(p: Program, *args: torch.Tensor) -> torch.Tensor:
+    return p.graph_module(*args)
+
+
+def scaled_lora(scale) -> Program:
+    """base + linear(linear(x, A), B) * scale, tagged as an adapter."""
+    g = torch.fx.Graph()
+    A, B, s, x = placeholders(g, "a", "b", "s", "x")
+    base = g.call_function(aten.relu.default, (x,))
+    h = tagged(g.call_function(aten.linear.default, (x, A)))
+    up = tagged(g.call_function(aten.linear.default, (h, B)))
+    mul = tagged(g.call_function(aten.mul.Tensor, (up, s if scale == "tensor" else scale)))
+    g.output(tagged(g.call_function(aten.add.Tensor, (base, mul)), output=True))
+    return program(g, ["a", "b", "s"])
+
+
+def tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(2, 5, generator=g),
+        torch.randn(5, 2, generator=g),
+        torch.randn(3, 5, generator=g),
+    )
+
+
+def test_fold_scale_moves_a_constant_scale_into_the_add():
+    p = scaled_lora(0.5)
+    A, B, x = tensors()
+    expected = run(p, A, B, torch.tensor(0.5), x)
+    rules = fold_scale()
+    PassManager([rules]).run(p)
+    adds = [n for n in p.graph.nodes if n.target == aten.add.Tensor]
+    assert [n.kwargs.get("alpha") for n in adds] == [0.5]
+    assert not any(n.target == aten.mul.Tensor for n in p.graph.nodes)
+    assert rules.stats["fold_scale_into_add"].matches == 1
+    torch.testing.assert_close(run(p, A, B, torch.tensor(0.5), x), expected)
+
+
+def test_fold_scale_declines_a_tensor_scale_and_says_why():
+    p = scaled_lora("tensor")
+    rules = fold_scale()
+    PassManager([rules]).run(p)
+    stats = rules.stats["fold_scale_into_add"]
+    assert stats.matches == 0
+    assert dict(stats.declines) == {"scale is a tensor, not a constant": 1}
+
+
+@pytest.mark.parametrize(
+    "p_drop,train,dropped", [(0.0, True, True), (0.1, False, True), (0.1, True, False)]
+)
+def test_identity_dropout_is_dropped_and_live_dropout_kept(p_drop, train, dropped):
+    g = torch.fx.Graph()
+    (x,) = placeholders(g, "x")
+    d = tagged(g.call_function(aten.dropout.default, (x, p_drop, train)))
+    g.output(g.call_function(aten.relu.default, (d,)))
+    p = program(g, [])
+    rules = fold_scale()
+    PassManager([rules]).run(p)
+    has_dropout = any(n.target == aten.dropout.default for n in p.graph.nodes)
+    assert has_dropout is not dropped
+    declines = dict(rules.stats["drop_identity_dropout"].declines)
+    assert declines == ({} if dropped else {"dropout is live (p > 0 in training)": 1})
+
+
+def siblings(with_values: bool = True) -> Program:
+    """Two adapters whose A matmuls read the same x: linear(x, A1) and linear(x, A2)."""
+    g = torch.fx.Graph()
+    A1, A2, x = placeholders(g, "a1", "a2", "x")
+    outs = []
+    for i, (A, r) in enumerate(((A1, 2), (A2, 3))):
+        val = torch.empty(3, r, device="meta") if with_values else None
+        outs.append(tagged(g.call_function(aten.linear.default, (x, A)), val, site=f"s{i}"))
+    g.output(tuple(outs))
+    return program(g, ["a1", "a2"])
+
+
+def test_fuse_siblings_turns_two_matmuls_into_one_and_keeps_the_values():
+    p = siblings()
+    gen = torch.Generator().manual_seed(0)
+    A1, A2, x = (torch.randn(*s, generator=gen) for s in ((2, 5), (3, 5), (3, 5)))
+    expected = run(p, A1, A2, x)
+    PassManager([FuseSiblings()]).run(p)
+    linears = [n for n in p.graph.nodes if n.target == aten.linear.default]
+    assert len(linears) == 1 and linears[0].args[1].target == aten.cat.default
+    assert [n.target for n in p.graph.nodes if n.op == "call_function"].count(operator.getitem) == 2
+    assert linears[0].meta["peftc"]["site"] == "s0,s1"
+    for got, want in zip(run(p, A1, A2, x), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_lone_adapter_matmul_is_not_fused_and_the_decline_is_counted():
+    g = torch.fx.Graph()
+    A, x = placeholders(g, "a", "x")
+    g.output(tagged(g.call_function(aten.linear.default, (x, A)), torch.empty(3, 2, device="meta")))
+    p = program(g, ["a"])
+    fuse = FuseSiblings()
+    PassManager([fuse]).run(p)
+    assert dict(fuse.stats["fuse_shared_input_matmuls"].declines) == {
+        "no sibling adapter reads this input": 1
+    }
+
+
+def test_a_pass_whose_requirement_fails_is_named():
+    with pytest.raises(PassConditionError, match="fuse_siblings requires 'adapter_values'.*linear"):
+        PassManager([FuseSiblings()]).run(siblings(with_values=False))
+
+
+class LeavesDeadCode:
+    name = "leaves_dead_code"
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ("no_dead_code",)
+
+    def __call__(self, p: Program) -> PassResult:
+        x = next(n for n in p.graph.nodes if n.op == "placeholder")
+        with p.graph.inserting_after(x):
+            p.graph.call_function(aten.neg.default, (x,))
+        return PassResult(p.graph_module, True)
+
+
+def test_a_pass_that_breaks_what_it_ensures_is_named_and_cleanup_holds_it():
+    def graph() -> Program:
+        g = torch.fx.Graph()
+        (x,) = placeholders(g, "x")
+        g.output(g.call_function(aten.relu.default, (x,)))
+        return program(g, [])
+
+    with pytest.raises(
+        PassConditionError, match="leaves_dead_code should ensure 'no_dead_code'.*neg"
+    ):
+        PassManager([LeavesDeadCode()]).run(graph())
+    p = graph()
+    LeavesDeadCode()(p)
+    PassManager([Cleanup()]).run(p)
+    assert not any(n.target == aten.neg.default for n in p.graph.nodes)
+
+
+def test_diffs_are_computed_only_when_read():
+    p = scaled_lora(0.5)
+    manager = PassManager([fold_scale()])
+    manager.run(p)
+    record = manager.records[0]
+    assert "diff" not in record.__dict__  # nothing was diffed while the pass ran
+    assert "-    mul" in record.diff and "alpha = 0.5" in record.diff
