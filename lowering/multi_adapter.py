@@ -28,6 +28,7 @@ from lowering.onnx import (
     verify_shapes,
 )
 from passes.adapters.insert import logical_weight, param_target
+from passes.adapters.registry import methods
 from rewrite.program import USER_INPUT, Program, Slot
 from rewrite.sites import find_sites
 from rewrite.trace import bind_inputs, trace
@@ -35,9 +36,6 @@ from rewrite.unlift import unlift
 
 aten = torch.ops.aten
 IDS = "adapter_ids"
-# methods whose forward is base + s·B(A(x)) over an unchanged base weight, so it batches
-# (LoRA+ only changes the optimiser); PiSSA-like methods rewrite W itself and cannot share it
-BATCHED_METHODS = ("lora", "loraplus")
 BATCHED_OPS = ("linear", "addmm")
 
 
@@ -56,11 +54,13 @@ def _check(adapters: Sequence) -> None:
                 "from_peft) every adapter on the same base model instance"
             )
         for a in adapted.plan.assignments:
-            if a.method.name not in BATCHED_METHODS:
+            # a batchable method's forward is base + s·B(A(x)) over the unchanged base weight
+            if not a.method.batchable:
+                batchable = ", ".join(n for n, c in methods().items() if c.batchable)
                 raise MultiAdapterError(
                     f"adapter {i} uses {a.method.name!r} at {a.site.path}: its forward does not "
-                    f"batch across adapters (supported: {', '.join(BATCHED_METHODS)}). Export "
-                    "that adapter merged on its own instead"
+                    f"batch across adapters (supported: {batchable}). Export that adapter "
+                    "merged on its own instead"
                 )
             if a.site.op not in BATCHED_OPS:
                 raise MultiAdapterError(

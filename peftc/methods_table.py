@@ -40,10 +40,7 @@ def _trainable_4096(cls: type) -> int:
         has_bias=False,
         module_class="Linear",
     )
-    method = cls()
-    bind = getattr(cls, "bind_plan", None)
-    if bind is not None:
-        method = bind([Assignment(site, method, 0)])[0].method
+    method = cls.bind_plan([Assignment(site, cls(), 0)])[0].method
     return sum(math.prod(spec.shape) for spec in method.params(site).values() if spec.trainable)
 
 
@@ -53,8 +50,8 @@ def methods_table() -> str:
         "|---|---|---|---|---|",
     ]
     for name, cls in methods().items():
-        merges = "yes" if getattr(cls, "mergeable", False) else "no"
-        kinds = ", ".join(getattr(cls, "supported_ops", ()))
+        merges = "yes" if cls.mergeable else "no"
+        kinds = ", ".join(cls.supported_ops)
         rows.append(f"| `{name}` | {_paper(cls)} | {merges} | {kinds} | {_trainable_4096(cls):,} |")
     return "\n".join(rows)
 

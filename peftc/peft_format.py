@@ -39,9 +39,7 @@ def _absolute(site, suffix: str) -> str:
 
 def key_suffixes(method, site) -> dict[str, str]:
     """Adapter tensor name -> checkpoint key suffix at `site`."""
-    record = getattr(type(method), "peft", None)
-    if record is None:
-        return method.peft_keys(site)  # not yet migrated to a record
+    record = _record(type(method))
     keys = record.keys_by_op.get(site.op, record.keys)
     return {name: keys[name] for name in method.params(site) if name in keys}
 
@@ -53,12 +51,7 @@ def peft_key(method, site, name: str) -> str:
 def peft_aliases(method, site) -> dict[str, list[str]]:
     """Extra keys under which PEFT checkpoints repeat a tensor (RandLoRA saves its shared
     bases once per layer too). Written on save, accepted on load."""
-    record = getattr(type(method), "peft", None)
-    if record is None:
-        hook = getattr(method, "peft_aliases", None)
-        aliases = hook(site) if hook else {}
-    else:
-        aliases = record.aliases
+    aliases = _record(type(method)).aliases
     return {name: [_absolute(site, k) for k in keys] for name, keys in aliases.items()}
 
 
@@ -72,18 +65,12 @@ def _record(cls: type):
 
 def claims(cls: type, config: dict) -> bool:
     """Whether `cls` reads PEFT config `config`."""
-    record = getattr(cls, "peft", None)
-    if record is None:
-        hook = getattr(cls, "claims_peft", None)  # not yet migrated to a record
-        return bool(hook and hook(config))
-    return record.claims_config(config)
+    return cls.peft is not None and cls.peft.claims_config(config)
 
 
 def hyperparams_from_peft(cls: type, config: dict) -> dict:
     """The method's hyperparameters that a PEFT config gives every module."""
-    record = getattr(cls, "peft", None)
-    if record is None:
-        return cls.hyperparams_from_peft(config)
+    record = _record(cls)
     out = {}
     for name, f in record.fields.items():
         if f.from_config is not None:
@@ -96,9 +83,7 @@ def hyperparams_from_peft(cls: type, config: dict) -> dict:
 
 def overrides_from_peft(cls: type, config: dict, path: str) -> dict:
     """The hyperparameters that the config's per-module patterns give the module at `path`."""
-    record = getattr(cls, "peft", None)
-    if record is None:
-        return cls.overrides_from_peft(config, path)
+    record = _record(cls)
     out = {}
     for name, f in record.fields.items():
         if f.pattern is not None:
@@ -110,10 +95,7 @@ def overrides_from_peft(cls: type, config: dict, path: str) -> dict:
 
 def peft_config(assignments: list) -> dict:
     """The adapter_config.json of one method's assignments."""
-    cls = type(assignments[0].method)
-    if getattr(cls, "peft", None) is None and hasattr(cls, "peft_config"):
-        return cls.peft_config(assignments)  # not yet migrated to a record
-    record = _record(cls)
+    record = _record(type(assignments[0].method))
     if record.saved_as is not None:
         assignments = [replace(a, method=record.saved_as(a.method)) for a in assignments]
         record = _record(type(assignments[0].method))
@@ -154,14 +136,14 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for a in plan:
         p = {n: state[param_target(a.method, a.site, n)].detach() for n in a.method.params(a.site)}
-        converted = a.method.peft_tensors(a.site, p) if hasattr(a.method, "peft_tensors") else None
+        converted = a.method.peft_tensors(a.site, p)
         if converted is not None:
             # The method ships a converted form (PiSSA/CorDA: a plain LoRA on the original base).
             for suffix, value in converted.items():
                 tensors[f"{KEY_PREFIX}{a.site.path}.{suffix}"] = value.contiguous().cpu()
             continue
         for name, spec in a.method.params(a.site).items():
-            if spec.trainable or getattr(a.method, "save_frozen", False):
+            if spec.trainable or a.method.save_frozen:
                 key = peft_key(a.method, a.site, name)
                 tensors[key] = (
                     state[param_target(a.method, a.site, name)].detach().contiguous().cpu()
@@ -203,7 +185,7 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
     expected = {}
     for a in adapted.plan:
         for name, spec in a.method.params(a.site).items():
-            if spec.trainable or getattr(a.method, "save_frozen", False):
+            if spec.trainable or a.method.save_frozen:
                 expected[peft_key(a.method, a.site, name)] = param_target(a.method, a.site, name)
     # PEFT may keep the adapter name in keys (".lora_A.default.weight"); drop it.
     loaded = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in loaded.items()}
@@ -229,8 +211,6 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
         )
     values = {key: (target, loaded[key]) for key, target in expected.items()}
     for a in adapted.plan:
-        if not hasattr(a.method, "params_from_peft"):
-            continue
         # A method may read its own tensors (PiSSA/CorDA: raw or converted form); it gets
         # them by key suffix and returns values by parameter name.
         keys = {
@@ -261,13 +241,7 @@ def method_for_config(config: dict) -> type:
     for cls in methods().values():
         if claims(cls, config):
             return cls
-    supported = sorted(
-        {
-            c.peft.peft_type if getattr(c, "peft", None) else getattr(c, "peft_type", None)
-            for c in methods().values()
-        }
-        - {None}
-    )
+    supported = sorted({c.peft.peft_type if c.peft else None for c in methods().values()} - {None})
     raise ValueError(
         f"PEFT adapter type {peft_type!r} (with these options) is not supported; "
         f"supported peft_type values: {', '.join(supported)}"

@@ -1,16 +1,10 @@
 """Merge: the merged graph is the base graph (same op multiset), it computes the unmerged
 model's outputs (fp32, 1e-5), and methods that cannot merge or merge to NaN say where."""
 
-import dataclasses
-import uuid
-from typing import ClassVar
-
 import pytest
 import torch
 
 import peftc
-from passes.adapters import registry
-from passes.adapters.base import Cost, ParamSpec
 from passes.cleanup import Cleanup
 from passes.merge import MergeError, fold_weights, merged_weights, op_multiset
 from rewrite.sites import find_sites
@@ -98,44 +92,6 @@ def test_fold_into_a_fresh_base_trace_matches_merge(merged_case):
 
 
 # -- errors --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def unmergeable_method():
-    """A method whose update depends on the input, registered for this test only."""
-    name = f"test_gate_{uuid.uuid4().hex[:8]}"
-
-    @registry.register(name)
-    @dataclasses.dataclass(frozen=True)
-    class Gate:
-        rank: int = 2
-        mergeable: ClassVar[bool] = False
-        unmergeable_reason: ClassVar[str] = "its update is gated by the input's own norm"
-        supported_ops: ClassVar[tuple[str, ...]] = ("linear",)
-
-        def check(self, site):
-            return None if site.op == "linear" else "linear only"
-
-        def params(self, site):
-            return {"g": ParamSpec((site.out_features,))}
-
-        def init(self, site, W, calib, generator):
-            return {"g": torch.zeros(site.out_features, dtype=W.dtype)}
-
-        def forward(self, x, base_out, W, p, ctx):
-            return base_out * (1 + p["g"] * x.norm(dim=-1, keepdim=True))
-
-        def merged_weight(self, site, W, p):
-            return None
-
-        def cost(self, site):
-            return Cost(0, 0, 0, 0)
-
-        def peft_keys(self, site):
-            return {"g": "gate"}
-
-    yield name
-    registry._METHODS.pop(name, None)
 
 
 def test_unmergeable_method_names_method_and_site(unmergeable_method):

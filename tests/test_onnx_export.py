@@ -12,9 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
@@ -23,7 +21,6 @@ from peft import LoraConfig, get_peft_model
 import lowering.onnx as lo
 import peftc
 from passes.adapters import registry
-from passes.adapters.base import Cost, ParamSpec
 from passes.cleanup import Cleanup
 from passes.merge import MergeError, op_multiset
 from peftc import cli
@@ -285,41 +282,6 @@ def test_killed_export_leaves_no_model(tmp_path):
 
 
 # -- errors --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def unmergeable_method():
-    name = f"test_gate_{uuid.uuid4().hex[:8]}"
-
-    @registry.register(name)
-    @dataclasses.dataclass(frozen=True)
-    class Gate:
-        mergeable: ClassVar[bool] = False
-        unmergeable_reason: ClassVar[str] = "its update is gated by the input's own norm"
-
-        def check(self, site):
-            return None if site.op == "linear" else "linear only"
-
-        def params(self, site):
-            return {"g": ParamSpec((site.out_features,))}
-
-        def init(self, site, W, calib, generator):
-            return {"g": torch.full((site.out_features,), 0.1, dtype=W.dtype)}
-
-        def forward(self, x, base_out, W, p, ctx):
-            return base_out * (1 + p["g"] * x.norm(dim=-1, keepdim=True))
-
-        def merged_weight(self, site, W, p):
-            return None
-
-        def cost(self, site):
-            return Cost(0, 0, 0, 0)
-
-        def peft_keys(self, site):
-            return {"g": "gate"}
-
-    yield name
-    registry._METHODS.pop(name, None)
 
 
 def test_unmergeable_method_is_refused(unmergeable_method, tmp_path):

@@ -1,12 +1,12 @@
 """The data an adapter method declares: its tensors, the context of a call, and its costs.
 
-Methods themselves are frozen dataclasses registered by name (see `registry.py`); they are
-not subclasses of anything. These small records are what they exchange with the passes.
+Methods themselves are frozen dataclasses that follow the contract in `contract.py` and are
+registered by name (`registry.py`). These small records are what they exchange with the
+passes.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -56,22 +56,15 @@ class Cost:
 
 
 def bind_plan(assignments: list) -> list:
-    """Let each method class see all of its sites at once (optional hook `bind_plan`).
-
-    Shared tensors (VeRA's, RandLoRA's projections) are sized by every site a method adapts,
-    but `params(site)` sees one site. A class that defines the classmethod
-    `bind_plan(assignments) -> assignments` gets its own assignments, in plan order, and
-    returns them with method instances that carry what they need (e.g. the largest dims).
-    """
+    """Let each method class see all of its sites at once (`Method.bind_plan`): shared tensors
+    (VeRA's, RandLoRA's projections) are sized by every site a method adapts, but
+    `params(site)` sees one site. Each class gets its own assignments, in plan order."""
     out = list(assignments)
     groups: dict[type, list[int]] = {}
     for i, a in enumerate(out):
         groups.setdefault(type(a.method), []).append(i)
     for cls, indices in groups.items():
-        hook = getattr(cls, "bind_plan", None)
-        if hook is None:
-            continue
-        bound = hook([out[i] for i in indices])
+        bound = cls.bind_plan([out[i] for i in indices])
         if len(bound) != len(indices):
             raise ValueError(f"{cls.__name__}.bind_plan returned {len(bound)} of {len(indices)}")
         for i, a in zip(indices, bound, strict=True):
@@ -85,25 +78,6 @@ def site_symbols(site: Site, rank: int) -> dict:
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def peft_pattern_value(patterns: dict, path: str):
-    """PEFT's rank_pattern/alpha_pattern lookup (get_pattern_key): the value of the first
-    key that matches a dotted suffix of the module path, or None."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return None
-
-
-def require_uniform(methods: list, attrs: tuple[str, ...], peft_config: str) -> None:
-    """PEFT configs hold one value per hyperparameter; refuse a plan that mixes them."""
-    for attr in attrs:
-        if len({getattr(m, attr) for m in methods}) > 1:
-            raise ValueError(
-                f"PEFT's {peft_config} holds one {attr} for all modules; this plan mixes them, "
-                "so it cannot be saved in PEFT format"
-            )
 
 
 def is_int(value: object) -> bool:
