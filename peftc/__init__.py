@@ -1,7 +1,7 @@
 """peftc: a compiler-style graph rewriter for parameter-efficient fine-tuning."""
 
 from passes.adapters.registry import methods as _registered
-from peftc.adapted import AdaptedModel
+from peftc.adapted import AdaptedModel, DeadAdapterWarning
 from peftc.api import compile, from_peft
 from peftc.optimizers import create_loraplus_optimizer
 from rewrite.spec import SpecError
@@ -9,6 +9,7 @@ from rewrite.trace import TraceError
 
 __all__ = [
     "AdaptedModel",
+    "DeadAdapterWarning",
     "SpecError",
     "TraceError",
     "compile",
