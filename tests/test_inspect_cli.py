@@ -1,12 +1,15 @@
 """`peftc inspect` end to end: JSON with sort and filter, the text table and trace with diffs,
-pictures around a site, the HTML report, --explain, and clear errors for bad flags."""
+pictures around a site (SVG by Graphviz or the pure-Python layout, PNG by Graphviz), the HTML
+report, --explain, and clear errors for bad flags."""
 
 import json
+import re
 
 import pydot
 import pytest
 
 from peftc.cli import main
+from tests.pictures import ENGINES, read_svg, use_engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pydot.dot_parser")
 
@@ -59,11 +62,14 @@ def test_json_sorted_and_filtered(capsys, spec):
     assert data["passes"][0]["rules"]["insert_adapter"]["matches"] == 6
 
 
-def test_table_trace_pictures_and_report(capsys, spec, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_table_trace_pictures_and_report(capsys, spec, tmp_path, monkeypatch, engine):
+    use_engine(monkeypatch, engine)
     dot, svg, png, report = (tmp_path / f"g.{x}" for x in ("dot", "svg", "png", "html"))
+    with_png = ["--png", str(png)] if engine == "graphviz" else []  # PNG needs Graphviz
     rc, out, err = _run(
         capsys, "--model", MODEL, "--spec", spec, "--diff", "--dot", str(dot), "--svg", str(svg),
-        "--png", str(png), "--around", "*.layers.1.self_attn.q_proj", "--radius", "1",
+        *with_png, "--around", "*.layers.1.self_attn.q_proj", "--radius", "1",
         "--html", str(report),
     )  # fmt: skip
     assert rc == 0, err
@@ -76,11 +82,18 @@ def test_table_trace_pictures_and_report(capsys, spec, tmp_path):
     names = {n.get_name().strip('"') for n in graph.get_nodes()}
     assert "adapters_model_layers_1_self_attn_q_proj_lora_a" in names
     assert not any("layers_0" in n for n in names)  # radius 1 stays inside layer 1
-    assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    picture = read_svg(svg.read_text())
+    assert picture.layout == engine
+    assert set(picture.nodes) == names - {"node", "edge", "graph"}  # the same nodes as the DOT
+    assert picture.legend is not None
+    assert f"wrote {svg} (orange: adapter nodes" in err
+    if engine == "graphviz":
+        assert png.read_bytes()[:4] == b"\x89PNG"
     html = report.read_text()
     assert '<figure data-site="model.layers.1.self_attn.q_proj">' in html
     assert html.count("<figure ") == 1
+    figure = re.search(r"<figure .*?</figure>", html, re.S)[0]
+    assert f'data-peftc-layout="{engine}"' in figure
     assert f"wrote {report}" in err
 
 
@@ -114,11 +127,11 @@ def test_bad_flags_fail_before_compiling(capsys, spec, flags, message):
     assert message in err  # checked before the model is loaded (it does not exist)
 
 
-def test_missing_graphviz_prints_how_to_install(capsys, spec, tmp_path, monkeypatch):
+def test_png_without_graphviz_prints_how_to_install(capsys, spec, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     rc, _, err = _run(
-        capsys, "--model", "no.such.module:factory", "--spec", spec, "--svg", str(tmp_path / "g.svg"),
+        capsys, "--model", "no.such.module:factory", "--spec", spec, "--png", str(tmp_path / "g.png"),
     )  # fmt: skip
     assert rc == 2  # before loading the model (it does not exist)
     assert "apt-get install graphviz" in err
-    assert not (tmp_path / "g.svg").exists()
+    assert not (tmp_path / "g.png").exists()

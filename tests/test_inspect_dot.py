@@ -1,5 +1,8 @@
-"""DOT pictures: valid DOT (parsed by pydot and networkx), colours by node role, the --around
-neighbourhood, and rendering through Graphviz (or the install hint when it is missing)."""
+"""DOT and SVG pictures: valid DOT (parsed by pydot and networkx), colours by node role, the
+--around neighbourhood, SVG drawn alike by Graphviz and by the pure-Python layout, PNG through
+Graphviz (or the install hint when it is missing)."""
+
+import shutil
 
 import networkx as nx
 import pydot
@@ -7,10 +10,24 @@ import pytest
 import torch
 
 import peftc
-from peftc.inspect.dot import COLOURS, to_dot
+from peftc.inspect.dot import COLOURS, cluster_members, colour_role, to_dot
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
-from peftc.inspect.render import GraphvizNotFound, inline_svg, render
+from peftc.inspect.render import GraphvizNotFound, inline_svg, render, render_svg
 from tests.models import tiny_llama, token_inputs
+from tests.pictures import (
+    ENGINES,
+    NO_DOT,
+    NS,
+    box,
+    centre,
+    inside,
+    path_start,
+    points,
+    read_svg,
+    shapes,
+    texts,
+    use_engine,
+)
 
 # pydot's parser calls pyparsing names that newer pyparsing deprecates
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pydot.dot_parser")
@@ -133,23 +150,100 @@ def test_unknown_site_glob_is_a_clear_error(adapted):
         neighbourhood(program_graph(adapted.program()), ["linear"], -1)
 
 
-def test_render_svg_and_png(adapted):
+def _near(point, rect, tol=3.0):
+    x, y = point
+    x0, y0, x1, y1 = rect
+    return x0 - tol <= x <= x1 + tol and y0 - tol <= y <= y1 + tol
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_svg_draws_every_node_edge_and_site_alike_with_either_engine(adapted, engine, monkeypatch):
+    use_engine(monkeypatch, engine)
+    g = program_graph(adapted.program())
+    pic = read_svg(render_svg(g, "tiny llama"))
+    assert pic.layout == engine
+    assert set(pic.nodes) == set(g)
+    for name, data in g.nodes(data=True):
+        node = pic.nodes[name]
+        assert node.get("data-peftc-role") == data["role"], name
+        assert node.get("data-peftc-site") == data["site_op"], name
+        outline = shapes(node)
+        assert COLOURS[colour_role(data)] in {el.get("fill") for el in outline}, name
+        assert texts(node)[0] == name
+        if data["op"] in ("placeholder", "get_attr"):
+            assert [el.tag for el in outline] == [f"{NS}ellipse"], name
+        elif data["op"] == "output":
+            assert [len(points(el)) for el in outline] == [8, 8], name  # a double octagon
+        else:
+            assert [len(points(el)) for el in outline] == [4], name  # a box
+        widths = {el.get("stroke-width") for el in outline}
+        assert widths == ({"3"} if data["site_op"] else {None}), name
+    assert sum(1 for _, d in g.nodes(data=True) if d["site_op"]) >= 7  # every linear is a site
+    # every edge is drawn from its source's outline, its arrowhead ending on its target's
+    assert set(pic.edges) == set(g.edges())
+    for (u, v), edge in pic.edges.items():
+        assert _near(path_start(edge), box(pic.nodes[u])), (u, v)
+        head = points(edge.find(f"{NS}polygon"))
+        assert any(_near(p, box(pic.nodes[v])) for p in head), (u, v)
+        # grandalf's layers draw data flow top to bottom (dot, keeping clusters together, may
+        # draw an edge into or out of one flat or upward)
+        if engine == "grandalf" and g.nodes[u]["walk"]:
+            assert centre(pic.nodes[u])[1] < centre(pic.nodes[v])[1], (u, v)
+    # no two nodes overlap
+    boxes = sorted((box(n), name) for name, n in pic.nodes.items())
+    for i, ((_, y0, x1, y1), a) in enumerate(boxes):
+        for (p0, q0, _, q1), b in boxes[i + 1 :]:
+            if p0 >= x1:  # sorted by left edge: no later box reaches back over this one
+                break
+            assert q0 >= y1 or q1 <= y0, f"{a} and {b} overlap"
+    # each site's adapter nodes sit in a dashed box labelled with the site; no other node does
+    members = cluster_members(g)
+    assert set(members) == {Q0, V0} and set(pic.clusters) == set(members)
+    for path, cluster in pic.clusters.items():
+        outlines = [points(el) for el in cluster.iter(f"{NS}polygon")]
+        assert outlines and all(el.get("stroke-dasharray") for el in cluster.iter(f"{NS}polygon"))
+        assert path in texts(cluster)
+        for name, node in pic.nodes.items():
+            held = any(inside(centre(node), o) for o in outlines)
+            assert held == (name in members[path]), (path, name)
+    # the legend: one swatch per role colour, and the thick outline of a site op
+    swatches = pic.legend.findall(f"{NS}rect[@stroke]")
+    assert {
+        r.get("data-peftc-role"): r.get("fill") for r in swatches if r.get("data-peftc-role")
+    } == COLOURS
+    assert any(r.get("stroke-width") == "3" for r in swatches)
+    assert "site op" in texts(pic.legend)
+    assert render_svg(g, "tiny llama", legend=False).count('class="legend"') == 0
+
+
+def test_pure_python_svg_is_the_same_every_time(adapted, monkeypatch):
+    use_engine(monkeypatch, "grandalf")
+    g = program_graph(adapted.program())
+    first = render_svg(g, "tiny llama")
+    assert 'data-peftc-layout="grandalf"' in first
+    assert render_svg(program_graph(adapted.program()), "tiny llama") == first
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason=NO_DOT)
+def test_render_png_and_raw_svg_with_graphviz(adapted):
     g = program_graph(adapted.program())
     dot = to_dot(neighbourhood(g, site_nodes(g, Q0)[Q0], 1), "around q_proj")
+    png = render(dot, "png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     svg = inline_svg(render(dot, "svg"))
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "<!DOCTYPE" not in svg and "<?xml" not in svg
-    spliced = [n for n, d in g.nodes(data=True) if d["role"] != "base" and Q0 in d["sites"]]
-    assert len(spliced) >= 4  # lora_A, lora_B, the B matmul and the add at least
-    assert all(f">{name}</text>" in svg for name in [*spliced, "linear"])
-    assert COLOURS["adapter"] in svg
-    png = render(dot, "png")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    with pytest.raises(ValueError, match="cannot render to 'gif'"):
-        render(dot, "gif")
 
 
-def test_missing_graphviz_says_how_to_install(monkeypatch, tmp_path):
+def test_render_rejects_unknown_formats():
+    with pytest.raises(ValueError, match="cannot render to 'gif'; choose one of svg, png"):
+        render("digraph { a -> b }", "gif")
+
+
+def test_missing_graphviz_says_how_to_install_and_svg_still_works(adapted, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no `dot` on PATH
     with pytest.raises(GraphvizNotFound, match="apt-get install graphviz"):
-        render("digraph { a -> b }", "svg")
+        render("digraph { a -> b }", "png")
+    g = program_graph(adapted.program())
+    pic = read_svg(render_svg(neighbourhood(g, site_nodes(g, Q0)[Q0], 1)))
+    assert pic.layout == "grandalf" and "linear" in pic.nodes

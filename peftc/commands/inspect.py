@@ -1,7 +1,8 @@
 """`peftc inspect --model M --spec S`: which sites got adapters, what each pass did, and pictures.
 
 Prints the site table and the pass trace (or JSON with `--json`, or one site's story with
-`--explain`), and writes DOT/SVG/PNG pictures and an HTML report on request.
+`--explain`), and writes DOT/SVG/PNG pictures and an HTML report on request. SVG and the
+report's pictures need no system program; PNG needs Graphviz's `dot`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import json
 import sys
 from dataclasses import asdict
 
+import networkx as nx
+
 import peftc
 from peftc.commands.loading import example_inputs, load_model
 from peftc.inspect.dot import LEGEND, to_dot
 from peftc.inspect.explain import explain, format_explanation
-from peftc.inspect.files import write_atomic
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
 from peftc.inspect.passes_trace import format_trace, trace_json
-from peftc.inspect.render import INSTALL_HINT, GraphvizNotFound, dot_program, render
+from peftc.inspect.render import INSTALL_HINT, GraphvizNotFound, dot_program, render, render_svg
 from peftc.inspect.report import write_report
 from peftc.inspect.table import (
     SORT_KEYS,
@@ -29,6 +31,7 @@ from peftc.inspect.table import (
     sort_rows,
     summary_line,
 )
+from rewrite.files import write_atomic
 
 
 def add_parser(sub) -> None:
@@ -57,7 +60,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=1, help="tokens per step for the cost columns")
     p.add_argument("--diff", action="store_true", help="show each pass's diff of the graph code")
     p.add_argument("--dot", metavar="PATH", help="write the graph as Graphviz DOT")
-    p.add_argument("--svg", metavar="PATH", help="render the graph to SVG (needs graphviz)")
+    p.add_argument(
+        "--svg",
+        metavar="PATH",
+        help="draw the graph as SVG (laid out by graphviz if installed, else by peftc)",
+    )
     p.add_argument("--png", metavar="PATH", help="render the graph to PNG (needs graphviz)")
     p.add_argument(
         "--around", metavar="GLOB", help="draw only the neighbourhood of the matching sites"
@@ -67,31 +74,31 @@ def add_parser(sub) -> None:
     p.add_argument("--explain", metavar="GLOB", help="explain the matching sites")
 
 
-def _picture(adapted, args: argparse.Namespace) -> str:
+def _picture(adapted, args: argparse.Namespace) -> tuple[nx.DiGraph, str]:
     g = program_graph(adapted.program(values=True))
     title = type(adapted.base).__name__
     if args.around:
         centers = [n for nodes in site_nodes(g, args.around).values() for n in nodes]
         g = neighbourhood(g, centers, args.radius)
         title += f" around {args.around} (radius {args.radius})"
-    return to_dot(g, title)
+    return g, title
 
 
 def _write_pictures(adapted, args: argparse.Namespace) -> int:
     if not (args.dot or args.svg or args.png):
         return 0
-    dot = _picture(adapted, args)
+    g, title = _picture(adapted, args)
     if args.dot:
-        print(f"wrote {write_atomic(args.dot, dot)} ({LEGEND})", file=sys.stderr)
-    for path, fmt in ((args.svg, "svg"), (args.png, "png")):
-        if not path:
-            continue
+        print(f"wrote {write_atomic(args.dot, to_dot(g, title))} ({LEGEND})", file=sys.stderr)
+    if args.svg:
+        print(f"wrote {write_atomic(args.svg, render_svg(g, title))} ({LEGEND})", file=sys.stderr)
+    if args.png:
         try:
-            picture = render(dot, fmt)
-        except GraphvizNotFound as e:
+            picture = render(to_dot(g, title), "png")
+        except GraphvizNotFound as e:  # checked before compiling; dot may have gone since
             print(f"peftc inspect: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {write_atomic(path, picture)} ({LEGEND})", file=sys.stderr)
+        print(f"wrote {write_atomic(args.png, picture)} ({LEGEND})", file=sys.stderr)
     return 0
 
 
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.radius < 0:
         raise ValueError(f"--radius must be 0 or more, got {args.radius}")
     sort_rows([], args.sort)  # a bad sort key fails before the (slower) compile
-    if (args.svg or args.png) and dot_program() is None:
+    if args.png and dot_program() is None:  # SVG is drawn without Graphviz when it is missing
         print(f"peftc inspect: {INSTALL_HINT}", file=sys.stderr)
         return 2
     model = load_model(args.model)

@@ -4,7 +4,8 @@ per-site explanations. One job per module:
 - `table`: the site table (sort, filter, text, JSON)
 - `passes_trace`: what each pass did (rules, declines, diffs)
 - `graph`: the FX graph as networkx, node roles, site neighbourhoods
-- `dot` / `render`: DOT text, and SVG/PNG through Graphviz
+- `dot` / `render` / `svg`: DOT text; SVG through Graphviz when `dot` is installed, else laid
+  out in pure Python (grandalf); PNG through Graphviz
 - `report`: the self-contained HTML report
 - `explain`: one site's original node, adapter subgraph, merged form, formula and reason
 """
@@ -13,7 +14,7 @@ from peftc.inspect.dot import COLOURS, to_dot
 from peftc.inspect.explain import Explanation, explain, format_explanation
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
 from peftc.inspect.passes_trace import format_trace, trace_json
-from peftc.inspect.render import GraphvizNotFound, render
+from peftc.inspect.render import GraphvizNotFound, render, render_svg
 from peftc.inspect.report import html_report, write_report
 from peftc.inspect.table import filter_rows, format_table, site_rows, sort_rows
 
@@ -30,6 +31,7 @@ __all__ = [
     "neighbourhood",
     "program_graph",
     "render",
+    "render_svg",
     "site_nodes",
     "site_rows",
     "sort_rows",

@@ -2,8 +2,10 @@
 
 Adapter nodes are orange, fused nodes blue, base nodes grey; a base op that is a site gets a
 thick outline. Each site's adapter/fused nodes are drawn inside a dashed cluster labelled with
-the site path. Every node keeps its FX name as its DOT id and its role in a `peftc_role`
-attribute, so tools can read the picture back.
+the site path. Every node keeps its FX name as its DOT name and SVG `id`, and its role in a
+`peftc_role` attribute, so tools can read the picture back. `node_label`, `node_shape` and
+`colour_role` are shared with the pure-Python SVG writer (`peftc.inspect.svg`), so both
+pictures say the same things.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from peftc.inspect.graph import ADAPTER, BASE, FUSED
 
 COLOURS = {ADAPTER: "#f28e2b", FUSED: "#4e79a7", BASE: "#d3d3d3"}
 FONT_COLOURS = {FUSED: "#ffffff"}
+EDGE_COLOUR = "#777777"
 LEGEND = "orange: adapter nodes, blue: fused nodes, grey: base model (thick outline: a site op)"
 
 
@@ -22,7 +25,8 @@ def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _label(name: str, data: dict) -> str:
+def node_label(name: str, data: dict) -> str:
+    """A node's label lines: FX name, target (or the state it holds), shape and dtype."""
     lines = [name]
     if data["op"] == "placeholder" and data.get("state"):
         lines.append(data["state"])
@@ -33,12 +37,28 @@ def _label(name: str, data: dict) -> str:
     return "\n".join(lines)
 
 
-def _shape(data: dict) -> str:
+def node_shape(data: dict) -> str:
+    """The Graphviz shape: ellipse for inputs and attributes, doubleoctagon for the output,
+    box for ops."""
     if data["op"] == "placeholder" or data["op"] == "get_attr":
         return "ellipse"
     if data["op"] == "output":
         return "doubleoctagon"
     return "box"
+
+
+def colour_role(data: dict) -> str:
+    """The role whose colour a node is filled with (an unknown role is drawn as an adapter)."""
+    return data["role"] if data["role"] in COLOURS else ADAPTER
+
+
+def cluster_members(g: nx.DiGraph) -> dict[str, list[str]]:
+    """Site path -> the adapter/fused nodes drawn in its dashed box (nodes of one site only)."""
+    members: dict[str, list[str]] = {}
+    for name, data in g.nodes(data=True):
+        if data["role"] != BASE and len(data["sites"]) == 1:
+            members.setdefault(data["sites"][0], []).append(name)
+    return members
 
 
 def to_dot(g: nx.DiGraph, title: str = "peftc", clusters: bool = True) -> str:
@@ -47,13 +67,14 @@ def to_dot(g: nx.DiGraph, title: str = "peftc", clusters: bool = True) -> str:
         f"digraph {quote(title)} {{",
         f"  graph [rankdir=TB, fontname=Helvetica, fontsize=12, label={quote(title)}, labelloc=t];",
         "  node [style=filled, fontname=Helvetica, fontsize=9, penwidth=1];",
-        '  edge [color="#777777", arrowsize=0.6];',
+        f'  edge [color="{EDGE_COLOUR}", arrowsize=0.6];',
     ]
     for name, data in g.nodes(data=True):
-        role = data["role"] if data["role"] in COLOURS else ADAPTER
+        role = colour_role(data)
         attrs = {
-            "label": _label(name, data),
-            "shape": _shape(data),
+            "id": name,  # Graphviz's SVG then names the node's <g> like the FX node
+            "label": node_label(name, data),
+            "shape": node_shape(data),
             "fillcolor": COLOURS[role],
             "fontcolor": FONT_COLOURS.get(role, "#000000"),
             "peftc_role": data["role"],
@@ -64,15 +85,15 @@ def to_dot(g: nx.DiGraph, title: str = "peftc", clusters: bool = True) -> str:
         body = ", ".join(f"{k}={quote(str(v))}" for k, v in attrs.items())
         lines.append(f"  {quote(name)} [{body}];")
     if clusters:
-        members: dict[str, list[str]] = {}
-        for name, data in g.nodes(data=True):
-            if data["role"] != BASE and len(data["sites"]) == 1:
-                members.setdefault(data["sites"][0], []).append(name)
-        for i, (path, names) in enumerate(members.items()):
-            lines.append(f"  subgraph {quote(f'cluster_{i}')} {{")
-            lines.append(f'    label={quote(path)}; style=dashed; color="#f28e2b"; fontsize=10;')
+        for path, names in cluster_members(g).items():
+            # the `cluster` prefix makes Graphviz draw a box; the SVG id names the site
+            name = quote(f"cluster:{path}")
+            lines.append(f"  subgraph {name} {{")
+            lines.append(f"    id={name}; label={quote(path)}; style=dashed; fontsize=10;")
+            lines.append(f'    color="{COLOURS[ADAPTER]}";')
             lines.extend(f"    {quote(n)};" for n in names)
             lines.append("  }")
-    lines.extend(f"  {quote(u)} -> {quote(v)};" for u, v in g.edges())
+    # FX names are identifiers, so `u->v` never collides with a node's id
+    lines.extend(f"  {quote(u)} -> {quote(v)} [id={quote(f'{u}->{v}')}];" for u, v in g.edges())
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,6 @@
-"""Render DOT text to SVG or PNG with Graphviz's `dot` program, when it is installed."""
+"""Render graphs to pictures. SVG comes from Graphviz's `dot` when it is installed and from
+peftc's own pure-Python layout (`peftc.inspect.svg`) otherwise, tagged alike either way;
+PNG needs Graphviz."""
 
 from __future__ import annotations
 
@@ -6,10 +8,16 @@ import re
 import shutil
 import subprocess
 
+import networkx as nx
+
+from peftc.inspect.dot import to_dot
+from peftc.inspect.svg import draw_svg, tag_graphviz_svg
+
 INSTALL_HINT = (
     "Graphviz's `dot` program is not installed, so the graph cannot be rendered. Install it "
     "with `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` (macOS) or "
-    "`conda install graphviz`; meanwhile write the DOT text with `--dot graph.dot`."
+    "`conda install graphviz`; meanwhile write the DOT text with `--dot graph.dot`, or SVG "
+    "(drawn without Graphviz) with `--svg graph.svg`."
 )
 FORMATS = ("svg", "png")
 
@@ -24,7 +32,7 @@ def dot_program() -> str | None:
 
 
 def render(dot_text: str, fmt: str = "svg", timeout: float = 300.0) -> bytes:
-    """Lay out `dot_text` and return the picture as `fmt` bytes (svg or png)."""
+    """Lay out `dot_text` with Graphviz and return the picture as `fmt` bytes (svg or png)."""
     if fmt not in FORMATS:
         raise ValueError(f"cannot render to {fmt!r}; choose one of {', '.join(FORMATS)}")
     program = dot_program()
@@ -36,6 +44,15 @@ def render(dot_text: str, fmt: str = "svg", timeout: float = 300.0) -> bytes:
     if done.returncode != 0:
         raise RuntimeError(f"graphviz dot failed: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout
+
+
+def render_svg(g: nx.DiGraph, title: str = "peftc", legend: bool = True) -> str:
+    """`g` (from `program_graph`) as SVG text that can be written to a file or inlined in HTML
+    as it is. Graphviz lays it out when `dot` is on PATH, grandalf otherwise; the root's
+    `data-peftc-layout` says which, and both tag nodes, edges and clusters alike."""
+    if dot_program() is None:
+        return draw_svg(g, title, legend)
+    return tag_graphviz_svg(render(to_dot(g, title), "svg"), g, legend)
 
 
 def inline_svg(svg: bytes | str) -> str:

@@ -3,7 +3,8 @@ when scores exist), the pass trace with collapsible diffs, graph pictures as inl
 an explanation per adapted site.
 
 Nothing in the page is fetched: styles are inline, pictures are inline SVG, there is no script.
-Pictures need Graphviz's `dot`; without it the report says how to install it instead.
+Pictures are laid out by Graphviz's `dot` when it is installed and by peftc's own pure-Python
+layout otherwise (`peftc.inspect.render.render_svg`), so every report has them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftc.inspect.dot import COLOURS, FONT_COLOURS, LEGEND, to_dot
+from peftc.inspect.dot import COLOURS, FONT_COLOURS, LEGEND
 from peftc.inspect.explain import explain, format_explanation
-from peftc.inspect.files import write_atomic
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
 from peftc.inspect.passes_trace import rule_lines
-from peftc.inspect.render import GraphvizNotFound, inline_svg, render
+from peftc.inspect.render import render_svg
 from peftc.inspect.table import SiteRow, site_rows, summary_line
+from rewrite.files import write_atomic
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
@@ -214,11 +215,8 @@ def _pictures(adapted: Any, paths: Sequence[str], radius: int) -> str:
     g = program_graph(adapted.program(values=True))
     for path in paths:
         centers = site_nodes(g, path)[path]
-        dot = to_dot(neighbourhood(g, centers, radius), f"around {path}")
-        try:
-            svg = inline_svg(render(dot, "svg"))
-        except GraphvizNotFound as e:
-            return f"<p>{_e(e)}</p>"
+        # the legend is drawn once, above the pictures
+        svg = render_svg(neighbourhood(g, centers, radius), f"around {path}", legend=False)
         out.append(
             f'<figure data-site="{_e(path)}"><figcaption>{_e(path)}</figcaption>{svg}</figure>'
         )
