@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from passes.adapters.base import Cost, T
+from passes.adapters.cost import Cost, T
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import Site, SiteIndex
 

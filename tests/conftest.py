@@ -7,14 +7,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import uuid  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from passes.adapters import registry  # noqa: E402
-from passes.adapters.base import Cost, ParamSpec  # noqa: E402
+from passes.adapters.base import ParamSpec  # noqa: E402
 from passes.adapters.contract import Method  # noqa: E402
+from passes.adapters.cost import Cost  # noqa: E402
 
 
 @pytest.fixture
@@ -24,7 +24,6 @@ def unmergeable_method():
     name = f"test_gate_{uuid.uuid4().hex[:8]}"
 
     @registry.register(name)
-    @dataclass(frozen=True)
     class Gate(Method):
         mergeable = False
         unmergeable_reason = "its update is gated by the input's own norm"

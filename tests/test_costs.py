@@ -16,7 +16,8 @@ from cost_model.costs import (
     formula,
     method_cost,
 )
-from passes.adapters.base import D_IN, D_OUT, R, T, bind_plan
+from passes.adapters.base import bind_plan
+from passes.adapters.cost import D_IN, D_OUT, R, T
 from passes.adapters.insert import AdapterStore, create_adapter_tensors
 from passes.adapters.registry import methods
 from rewrite.capture import capture_site_inputs

@@ -1,21 +1,20 @@
-"""The data an adapter method declares: its tensors, the context of a call, and its costs.
+"""The data an adapter method declares: its tensors and the context of a call.
 
 Methods themselves are frozen dataclasses that follow the contract in `contract.py` and are
-registered by name (`registry.py`). These small records are what they exchange with the
-passes.
+registered by name (`registry.py`); their cost formulas use `cost.py`. These small records
+are what they exchange with the passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import sympy
 import torch
 
 from rewrite.sites import Site
 
-# Symbols of the cost formulas: tokens per step, and the site's dimensions and rank.
-T, D_IN, D_OUT, R = sympy.symbols("T d_in d_out r", positive=True, integer=True)
+Tensor = torch.Tensor
+Params = dict[str, torch.Tensor]  # adapter tensors by name, as `params(site)` declares them
 
 
 @dataclass(frozen=True)
@@ -37,24 +36,6 @@ class SiteContext:
     bias: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class Cost:
-    """Sympy cost formulas of a method at a site, and the values of their symbols there."""
-
-    params: sympy.Expr
-    flops_forward: sympy.Expr
-    flops_backward: sympy.Expr
-    activation_bytes: sympy.Expr
-    symbols: dict = field(default_factory=dict)
-
-    def evaluate(self, tokens: int = 1) -> dict[str, int]:
-        env = {**self.symbols, T: tokens}
-        return {
-            name: int(sympy.sympify(getattr(self, name)).subs(env))
-            for name in ("params", "flops_forward", "flops_backward", "activation_bytes")
-        }
-
-
 def bind_plan(assignments: list) -> list:
     """Let each method class see all of its sites at once (`Method.bind_plan`): shared tensors
     (VeRA's, RandLoRA's projections) are sized by every site a method adapts, but
@@ -70,14 +51,6 @@ def bind_plan(assignments: list) -> list:
         for i, a in zip(indices, bound, strict=True):
             out[i] = a
     return out
-
-
-def site_symbols(site: Site, rank: int) -> dict:
-    return {D_IN: site.in_features, D_OUT: site.out_features, R: rank}
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def is_int(value: object) -> bool:

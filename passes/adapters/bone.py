@@ -15,13 +15,12 @@ in_features and out_features. Dropout does not apply: the update is to the weigh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import POSITIVE_INT, Method, hp
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -36,7 +35,6 @@ def block_affine_delta(W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 @register("bone")
-@dataclass(frozen=True)
 class Bone(Method):
     rank: int = hp(64, POSITIVE_INT, "the block size")  # PEFT's MissConfig.r
 
@@ -65,25 +63,16 @@ class Bone(Method):
         r = self.rank
         return {"miss_block": ParamSpec((site.out_features // r, r, r))}
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         return {"miss_block": torch.zeros(self.params(site)["miss_block"].shape, dtype=W.dtype)}
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         # PEFT computes linear(x, W + ΔW) + bias; base_out + linear(x, ΔW) is the same sum.
         return base_out + F.linear(x, block_affine_delta(W, p["miss_block"]))
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + ΔW in the site's [out, in] layout."""
         return W + block_affine_delta(W, p["miss_block"])
 

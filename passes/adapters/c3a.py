@@ -11,14 +11,14 @@ adapter is the identity at init only with init_weights="zeros" (PEFT's init_weig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import sympy
 import torch
 from torch.fft import fft, ifft
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T, dtype_bytes
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import POSITIVE_INT, Method, hp, one_of
+from passes.adapters.cost import D_IN, D_OUT, Cost, T, dtype_bytes
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -38,7 +38,6 @@ def circulant(w: torch.Tensor) -> torch.Tensor:
 
 
 @register("c3a")
-@dataclass(frozen=True)
 class C3A(Method):
     block_size: int = hp(256, POSITIVE_INT)
     init_weights: str = hp("xavier_uniform", one_of(*INITS))
@@ -74,9 +73,7 @@ class C3A(Method):
         b = self.block_size
         return {"c3a_kernel": ParamSpec((site.out_features // b, site.in_features // b, b))}
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         # Drawn in fp32 as PEFT does; stored in the model's dtype (forward and merge upcast to
         # fp32 for the FFTs, so fp32 models match PEFT exactly).
         k = torch.zeros(self.params(site)["c3a_kernel"].shape, dtype=torch.float32)
@@ -92,13 +89,8 @@ class C3A(Method):
         return {"c3a_kernel": k.to(W.dtype)}
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         # PEFT runs the FFTs in fp32, then casts the update to the layer's dtype.
         w, xf = p["c3a_kernel"].float(), x.float()
         _, n, b = w.shape
@@ -106,9 +98,7 @@ class C3A(Method):
         y = y.real.flatten(-2) / x.shape[-1]
         return base_out + y.to(base_out.dtype)
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + C(w) / d_in in the site's [out, in] layout."""
         delta = circulant(p["c3a_kernel"].to(torch.float32)).to(W.dtype)
         return W + delta / W.shape[-1]

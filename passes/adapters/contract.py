@@ -1,10 +1,9 @@
 """The adapter-method contract, written down once: what a method must define, what it may
 define, and how its hyperparameters are declared and checked.
 
-A method is a frozen dataclass that subclasses `Method` and is registered by name:
+A method subclasses `Method` and is registered by name, which makes it a frozen dataclass:
 
     @register("lora")
-    @dataclass(frozen=True)
     class LoRA(LowRank):
         init_weights: str = hp("kaiming", one_of("kaiming", "gaussian"))
         peft = PeftFormat(...)                      # where PEFT has the method
@@ -32,7 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from passes.adapters.base import Cost, ParamSpec, SiteContext, is_int
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor, is_int
+from passes.adapters.cost import Cost
 from rewrite.sites import Site
 
 if TYPE_CHECKING:
@@ -149,25 +149,16 @@ class Method(ABC):
         """The adapter tensors at `site`: shapes, and which train."""
 
     @abstractmethod
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         """Initial values of `params(site)`, from the weight (and calibration data)."""
 
     @abstractmethod
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         """The adapted output, as traceable torch code."""
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor | None:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor | None:
         """The folded weight, so that the site's op with it equals `forward` (None: cannot)."""
         return None
 

@@ -14,22 +14,20 @@ batch of any size counts as one call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from passes.adapters.contract import hp, one_of
 from passes.adapters.peft_record import PeftField
-from passes.adapters.pissa import ResidualLoRA, residual_format
 from passes.adapters.registry import register
+from passes.adapters.residual_lora import ResidualLoRA, residual_format
 from rewrite.sites import Site
 
 MAX_DAMP_DOUBLINGS = 40
 
 
 @register("corda")
-@dataclass(frozen=True)
 class CorDA(ResidualLoRA):
     corda_method: str = hp("ipm", one_of("ipm", "kpm"))
 

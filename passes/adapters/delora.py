@@ -11,24 +11,14 @@ starts as the identity. Parity target: PEFT DeloraConfig (nn.Linear only).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import FLAG, POSITIVE_INT, PROBABILITY, Method, Rule, at_least, hp
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -38,7 +28,6 @@ NORM_BOUND = Rule(">= 0 and finite", lambda v: at_least(0).ok(v) and math.isfini
 
 
 @register("delora")
-@dataclass(frozen=True)
 class DeLoRA(Method):
     rank: int = hp(8, POSITIVE_INT)
     delora_lambda: float = hp(15.0, NORM_BOUND, "the norm bound")
@@ -67,9 +56,7 @@ class DeLoRA(Method):
             "delora_w_norm": ParamSpec((site.in_features,), trainable=False),
         }
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         A = torch.empty(self.rank, site.in_features)
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         B = torch.zeros(site.out_features, self.rank)
@@ -89,20 +76,13 @@ class DeLoRA(Method):
         return (p["delora_lambda"] / self.rank) / (An * Bn)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         h = F.linear(h * p["delora_w_norm"], p["delora_A"]) * self._scale(p)
         return base_out + F.linear(h, p["delora_B"])
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + B·diag(scale)·A·diag(w_norm) in the site's [out, in] layout."""
         delta = (p["delora_B"] * self._scale(p)) @ p["delora_A"]
         return W + delta * p["delora_w_norm"].unsqueeze(0)

@@ -9,23 +9,14 @@ y = base + (m/n − 1)·(base − bias) + (m/n)·s·B·A·x.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.lora import LoRA
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -34,7 +25,6 @@ MAGNITUDE = {"magnitude": "lora_magnitude_vector"}
 
 
 @register("dora")
-@dataclass(frozen=True)
 class DoRA(LoRA):
     """LoRA's hyperparameters, tensors, init and PEFT names, plus the magnitude vector."""
 
@@ -55,9 +45,7 @@ class DoRA(LoRA):
     def params(self, site: Site) -> dict[str, ParamSpec]:
         return {**super().params(site), "magnitude": ParamSpec(self._magnitude_shape(site))}
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         p = super().init(site, W, calib, generator)
         with torch.no_grad():
             m = self._weight_norm(site, W.float(), self._delta(site, W, p["lora_A"], p["lora_B"]))
@@ -84,13 +72,8 @@ class DoRA(LoRA):
         return torch.linalg.norm(V, dim=1)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         A, B, m, s = p["lora_A"], p["lora_B"], p["magnitude"], self.scaling
         site = ctx.site
         # Detached, as in the paper (§4.3) and PEFT: the norm gets no gradient.
@@ -121,9 +104,7 @@ class DoRA(LoRA):
             base = base_out
         return base_out + (scale - 1) * base + scale * lora_out * s
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """(m / ‖W + s·B·A‖) ⊙ (W + s·B·A), the factor applied per output unit."""
         delta = self._delta(site, W, p["lora_A"], p["lora_B"])
         factor = p["magnitude"] / self._weight_norm(site, W, delta)

@@ -10,14 +10,13 @@ identity).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, SiteContext, T
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import (
     FINITE_NON_ZERO,
     FLAG,
@@ -26,6 +25,7 @@ from passes.adapters.contract import (
     Method,
     hp,
 )
+from passes.adapters.cost import D_IN, D_OUT, Cost, T
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -45,7 +45,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @register("fourierft")
-@dataclass(frozen=True)
 class FourierFT(Method):
     n_frequency: int = hp(1000, POSITIVE_INT)
     scaling: float = hp(150.0, FINITE_NON_ZERO)
@@ -92,9 +91,7 @@ class FourierFT(Method):
         flat = flat[: self.n_frequency]
         return torch.stack([flat // site.in_features, flat % site.in_features], dim=0)
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         if self.init_weights:
             spectrum = torch.zeros(self.n_frequency)
         else:
@@ -108,20 +105,13 @@ class FourierFT(Method):
         return torch.fft.ifft2(dense).real * self.scaling
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         spectrum = p["fourierft_spectrum"]
         delta = _cast(self._delta(W, spectrum, p["indices"]), spectrum.dtype)
         return base_out + F.linear(_cast(x, delta.dtype), delta)
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         idx = p["indices"].long()  # the merge pass hands every tensor over as float
         return W + self._delta(W, p["fourierft_spectrum"], idx).to(W.dtype)
 

@@ -11,15 +11,15 @@ B starts at zero, so the adapter starts as the identity. Parity target: PEFT Gra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import FLAG, POSITIVE_NUMBER, PROBABILITY, Method, hp, int_at_least
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -28,7 +28,6 @@ HYBRID = sympy.Symbol("h", nonnegative=True, integer=True)
 
 
 @register("gralora")
-@dataclass(frozen=True)
 class GraLoRA(Method):
     rank: int = hp(32, int_at_least(1))
     alpha: float = hp(64.0, POSITIVE_NUMBER)
@@ -90,9 +89,7 @@ class GraLoRA(Method):
             out["gralora_B_general"] = ParamSpec((site.out_features, h))
         return out
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         # PEFT draws one [r, in/k] A (and [out/k, r] B) per block, stacks and transposes them.
         k, r = self.k, self.rank
         sub_in, sub_out = site.in_features // k, site.out_features // k
@@ -112,13 +109,8 @@ class GraLoRA(Method):
         return {n: t.to(W.dtype) for n, t in out.items()}
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         A, B, k, sr = p["gralora_A"], p["gralora_B"], self.k, self.rank // self.k
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         hb = h.reshape(-1, k, A.shape[1])  # [tokens, k input blocks, in/k]
@@ -134,9 +126,7 @@ class GraLoRA(Method):
             out = out + lora * self.scaling
         return out
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + s·ΔW in the site's [out, in] layout."""
         return W + self.delta(p) * self.scaling
 

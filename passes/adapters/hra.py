@@ -13,14 +13,14 @@ rank-r LoRA costs. Convolutions (PEFT: square kernels) use the same factors as t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import D_IN, D_OUT, Cost, ParamSpec, R, SiteContext, T, dtype_bytes
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import FLAG, POSITIVE_INT, Method, hp
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -31,7 +31,6 @@ def _fan_in(site: Site) -> int:
 
 
 @register("hra")
-@dataclass(frozen=True)
 class HRA(Method):
     rank: int = hp(8, POSITIVE_INT)
     apply_GS: bool = hp(False, FLAG)  # noqa: N815 (PEFT's name)
@@ -67,9 +66,7 @@ class HRA(Method):
     def params(self, site: Site) -> dict[str, ParamSpec]:
         return {"hra_u": ParamSpec((_fan_in(site), self.rank))}
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         d, r = _fan_in(site), self.rank
         # PEFT's symmetric init repeats each column, so the reflections cancel in pairs. Odd r
         # cannot be symmetric, and with apply_GS repeated columns would orthonormalise to 0/0
@@ -106,13 +103,8 @@ class HRA(Method):
         return U, torch.stack(rows, dim=0)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         site, g = ctx.site, ctx.site.conv
         W2 = W.flatten(1) if g is not None else W
         U, K = self._factors(W2, p["hra_u"])
@@ -122,9 +114,7 @@ class HRA(Method):
             return base_out + F.conv2d(h, (-2 * K).t()[:, :, None, None])
         return base_out + F.linear(F.linear(x, U.t()), -2 * K.t())
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W H (PEFT's merge: W @ get_delta_weight), for convs on the [out, in·k·k] view."""
         W2 = W.flatten(1)
         U, K = self._factors(W2, p["hra_u"])

@@ -17,18 +17,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import LowRank, hp, one_of
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -78,13 +69,8 @@ class LoRAUpdate(LowRank):
         }
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         A, B, s = p["lora_A"], p["lora_B"], self.scaling
         site = ctx.site
         if site.op == "embedding":
@@ -97,9 +83,7 @@ class LoRAUpdate(LowRank):
             return base_out + conv(conv(h, A, None, g.stride, g.padding), B) * s
         return base_out + F.linear(F.linear(h, A), B) * s
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + s·B·A in the site's logical [out, in] (or [vocab, dim] for embeddings) layout."""
         A, B, s = p["lora_A"], p["lora_B"], self.scaling
         if site.op == "embedding":
@@ -129,7 +113,6 @@ class LoRAUpdate(LowRank):
 
 
 @register("lora")
-@dataclass(frozen=True)
 class LoRA(LoRAUpdate):
     init_weights: str = hp("kaiming", INITS)
 
@@ -153,9 +136,7 @@ class LoRA(LoRAUpdate):
             return f"{self.name} supports convolutions with groups=1 and dilation=1 only"
         return None
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         shapes = self.params(site)
         A = torch.empty(shapes["lora_A"].shape, dtype=torch.float32)
         B = torch.zeros(shapes["lora_B"].shape, dtype=torch.float32)

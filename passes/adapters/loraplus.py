@@ -10,7 +10,7 @@ trace in adapter_config.json, so such a checkpoint loads back as `lora`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from passes.adapters.contract import POSITIVE_FINITE, hp
 from passes.adapters.lora import LoRA
@@ -18,7 +18,6 @@ from passes.adapters.registry import register
 
 
 @register("loraplus")
-@dataclass(frozen=True)
 class LoRAPlus(LoRA):
     loraplus_lr_ratio: float = hp(16.0, POSITIVE_FINITE)  # η_B / η_A; the paper recommends 2^4
     # PEFT's default learning rate for embedding adapters

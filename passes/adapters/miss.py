@@ -18,24 +18,14 @@ applies to x before the shard sum.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import FLAG, POSITIVE_INT, PROBABILITY, Method, hp, optional
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.peft_record import PeftField, PeftFormat
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -64,7 +54,6 @@ def shard_delta(block: torch.Tensor, out_features: int, in_features: int) -> tor
 
 
 @register("miss")
-@dataclass(frozen=True)
 class MiSS(Method):
     rank: int = hp(64, POSITIVE_INT, "the shard width")  # PEFT's MissConfig.r
     # None: PEFT's default form; an int: its "mini" form
@@ -129,30 +118,21 @@ class MiSS(Method):
     def params(self, site: Site) -> dict[str, ParamSpec]:
         return {"miss_block": ParamSpec((self.rank, self.mini_r or site.out_features))}
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         block = torch.zeros(self.params(site)["miss_block"].shape, dtype=torch.float32)
         if not self.init_weights:  # PEFT's reset_miss_parameters_random
             torch.nn.init.kaiming_uniform_(block, a=math.sqrt(5), generator=generator)
         return {"miss_block": block.to(W.dtype)}
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         # Never forms ΔW: the shard sum is [T, r], so this costs what a rank-r LoRA's B does.
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         D = full_block(p["miss_block"], ctx.site.out_features)
         return base_out + shard_sum(h, self.rank) @ D
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + ΔW in the site's [out, in] layout (PEFT's get_delta_weight_miss)."""
         return W + shard_delta(p["miss_block"], site.out_features, site.in_features)
 

@@ -11,25 +11,15 @@ The flattening order of the bases follows PEFT exactly, so PEFT checkpoints load
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import FLAG, POSITIVE_FINITE, POSITIVE_INT, Rule, hp
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.peft_record import PeftField
 from passes.adapters.registry import register
 from passes.adapters.shared_projection import SharedProjection, projection_format
@@ -74,7 +64,6 @@ def _bases(
 
 
 @register("randlora")
-@dataclass(frozen=True)
 class RandLoRA(SharedProjection):
     rank: int = hp(32, POSITIVE_INT)
     alpha: float = hp(640.0, POSITIVE_ALPHA)
@@ -117,9 +106,7 @@ class RandLoRA(SharedProjection):
             ),
         }
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         shapes = self.params(site)
         n_in, n_out = self._shared_dims(site)
         A, B = _bases(
@@ -151,13 +138,8 @@ class RandLoRA(SharedProjection):
         return flat_b.t(), scaled.t()
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         first, second = self._factors(ctx.site, p)
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -168,9 +150,7 @@ class RandLoRA(SharedProjection):
             return (base_out.float() + update).to(base_out.dtype)
         return base_out + F.linear(F.linear(h, first), second) * self.scaling
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         first, second = self._factors(site, p)
         return W + (second @ first) * self.scaling
 

@@ -7,6 +7,7 @@ nothing (the contract, shared helpers, the insertion pass) are simply imported t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 
@@ -15,9 +16,13 @@ _DISCOVERED = False
 
 
 def register(name: str):
+    """Make the decorated class a frozen dataclass (its fields are the hyperparameters) and
+    register it under the spec name `name`."""
+
     def decorate(cls: type) -> type:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"adapter method {name!r} is registered twice")
+        cls = dataclasses.dataclass(frozen=True)(cls)
         cls.name = name
         _METHODS[name] = cls
         return cls

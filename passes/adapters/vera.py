@@ -10,24 +10,14 @@ the adapter starts as the identity).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from passes.adapters.base import (
-    D_IN,
-    D_OUT,
-    Cost,
-    ParamSpec,
-    R,
-    SiteContext,
-    T,
-    dtype_bytes,
-    site_symbols,
-)
+from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import Rule, hp
+from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.peft_record import PeftField
 from passes.adapters.registry import register
 from passes.adapters.shared_projection import SharedProjection, projection_format
@@ -48,7 +38,6 @@ def _projections(key: int, rank: int, n_in: int, n_out: int) -> tuple[torch.Tens
 
 
 @register("vera")
-@dataclass(frozen=True)
 class VeRA(SharedProjection):
     d_initial: float = hp(0.1, FINITE)
 
@@ -73,9 +62,7 @@ class VeRA(SharedProjection):
             "vera_B": ParamSpec((n_out, self.rank), trainable=False, shared=True),
         }
 
-    def init(
-        self, site: Site, W: torch.Tensor, calib: object, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         A, B = _projections(self.projection_prng_key, self.rank, *self._shared_dims(site))
         if self.init_weights:
             d = torch.full((self.rank,), float(self.d_initial))
@@ -87,22 +74,15 @@ class VeRA(SharedProjection):
         return {name: v.to(W.dtype) for name, v in values.items()}
 
     def forward(
-        self,
-        x: torch.Tensor,
-        base_out: torch.Tensor,
-        W: torch.Tensor,
-        p: dict[str, torch.Tensor],
-        ctx: SiteContext,
-    ) -> torch.Tensor:
+        self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
+    ) -> Tensor:
         site = ctx.site
         A = p["vera_A"][:, : site.in_features]
         B = p["vera_B"][: site.out_features, :]
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         return base_out + p["vera_lambda_b"] * F.linear(p["vera_lambda_d"] * F.linear(h, A), B)
 
-    def merged_weight(
-        self, site: Site, W: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
         """W + diag(b) B_s diag(d) A_s, as PEFT's get_delta_weight."""
         A = p["vera_A"][:, : site.in_features]
         B = p["vera_B"][: site.out_features, :]
