@@ -161,7 +161,7 @@ def place(
     """Plan the adapters. `program` is an eval-mode trace of the model (its graph is read for
     data-driven strategies), `state` its parameters and buffers by name, and `calibration` a
     list of input dicts (`rewrite.trace.bind_inputs`), needed by plop and eva."""
-    placement = parse_placement(spec.placement)
+    placement = placement_of(spec)
     base_params, base_flops = _base_sizes(program, state, sites)
     if placement is None or placement.strategy == "manual":
         assignments = resolve(spec, sites, methods)
@@ -422,7 +422,15 @@ def _eva(
         )
 
 
-def wants_scores(spec: AdaptationSpec) -> bool:
-    """Whether placing this spec reads calibration data through an eval-mode program."""
-    placement = parse_placement(spec.placement)
+def placement_of(spec: AdaptationSpec) -> Placement | None:
+    """The spec's typed placement section. A spec loaded with `parse_placement` (as the compile
+    pipeline loads it) carries it already; a spec loaded without it (a direct caller's
+    `load_spec(source, methods)`) still holds the mapping as written, parsed here."""
+    if spec.placement is None or isinstance(spec.placement, Placement):
+        return spec.placement
+    return parse_placement(spec.placement)
+
+
+def wants_scores(placement: Placement | None) -> bool:
+    """Whether this placement reads calibration data through an eval-mode program."""
     return placement is not None and placement.strategy != "manual"

@@ -122,8 +122,12 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
-def parse_placement(raw: Mapping | None) -> Placement | None:
-    """Validate a spec's raw `placement:` mapping; None when the spec has no such section."""
+def parse_placement(raw: Mapping | Placement | None) -> Placement | None:
+    """Validate a spec's raw `placement:` mapping; None when the spec has no such section.
+
+    This is the parser `rewrite.spec.load_spec(..., parse_placement=parse_placement)` runs
+    once, so the loaded spec carries the typed section; a Placement passes through unchanged
+    (load_spec relies on that for a spec that is already loaded)."""
     if raw is None:
         return None
     if isinstance(raw, Placement):

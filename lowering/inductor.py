@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from passes.pipeline import Pipeline
 from rewrite.program import USER_INPUT, Program
 
 
@@ -65,6 +66,21 @@ def _inputs_requiring_grad(args: tuple[Any, ...], positions: list[int]) -> tuple
         ):
             out[i] = value.detach().requires_grad_()
     return tuple(out)
+
+
+def compile_pipeline(
+    pipeline: Pipeline,
+    mode: str | None = None,
+    dynamic: bool = True,
+    activation_checkpointing: bool = False,
+) -> Callable[..., Any]:
+    """Compile a pipeline's training graph and make it the one training-mode calls run
+    (`Pipeline.runners`); returns the compiled callable."""
+    runner = compile_program(
+        pipeline.program(training=True), mode, dynamic, activation_checkpointing
+    )
+    pipeline.runners[True] = runner
+    return runner
 
 
 def compile(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -29,9 +30,10 @@ from lowering.onnx import (
 )
 from passes.adapters.insert import logical_weight, param_target
 from passes.adapters.registry import methods
+from passes.pipeline import Pipeline, pipeline_of
 from rewrite.program import USER_INPUT, Program, Slot
 from rewrite.sites import find_sites
-from rewrite.trace import bind_inputs, trace
+from rewrite.trace import trace
 from rewrite.unlift import unlift
 
 aten = torch.ops.aten
@@ -43,12 +45,19 @@ class MultiAdapterError(ValueError):
     """The adapters cannot share one graph; the message names the adapter, method and site."""
 
 
-def _check(adapters: Sequence) -> None:
+def _base_model(adapted: Any) -> torch.nn.Module:
+    """The model an adapter is compiled on: a Pipeline's `model`, an AdaptedModel's `base`."""
+    return adapted.model if isinstance(adapted, Pipeline) else adapted.base
+
+
+def _pipelines(adapters: Sequence) -> list[Pipeline]:
+    """The adapters' pipelines, checked first (on their public `base`/`model` and `plan`):
+    one base model object, batchable methods on linear layers only."""
     if not adapters:
         raise MultiAdapterError("give at least one adapter for a multi-adapter export")
-    base = adapters[0].base
+    base = _base_model(adapters[0])
     for i, adapted in enumerate(adapters):
-        if adapted.base is not base:
+        if _base_model(adapted) is not base:
             raise MultiAdapterError(
                 f"adapter {i} is compiled on a different base model object; compile (or "
                 "from_peft) every adapter on the same base model instance"
@@ -68,6 +77,7 @@ def _check(adapters: Sequence) -> None:
                     "multi-adapter graph batches linear layers only. Leave that module out "
                     "of the adapter's targets, or export the adapter merged on its own"
                 )
+    return [pipeline_of(a) for a in adapters]
 
 
 def stacked_lora(adapters: Sequence) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,9 +88,9 @@ def stacked_lora(adapters: Sequence) -> dict[str, tuple[torch.Tensor, torch.Tens
     projection is what onnxscript's MHA-bias fusion takes for a bias, and it would swallow the
     [batch, seq, out] update as one (onnxruntime then refuses to run). The negation is exact."""
     by_site: dict[str, list] = {}
-    for i, adapted in enumerate(adapters):
-        state = adapted.state()
-        for a in adapted.plan.assignments:
+    for i, pipeline in enumerate(pipeline_of(a) for a in adapters):
+        state = pipeline.state()
+        for a in pipeline.plan.assignments:
             A = state[param_target(a.method, a.site, "lora_A")].detach().float()
             B = state[param_target(a.method, a.site, "lora_B")].detach().float()
             by_site.setdefault(a.site.path, []).append((i, a.site, A, -B * a.method.scaling))
@@ -169,16 +179,16 @@ def _splice_site(graph: torch.fx.Graph, node, site, ids, A, B) -> None:
 
 
 def multi_adapter_module(adapters: Sequence) -> tuple[torch.fx.GraphModule, dict]:
-    """The base graph with every adapter stacked in; returns it and example inputs (with ids)."""
-    _check(adapters)
-    first = adapters[0]
-    base = first.base
-    example = bind_inputs(base, first._example_inputs)
-    program = trace(base, example, training=False)
+    """The base graph with every adapter stacked in; returns it and example inputs (with ids).
+
+    `adapters` are AdaptedModels (or their Pipelines) on one base model."""
+    first = _pipelines(adapters)[0]
+    example = first.example_inputs
+    # a fresh base trace: the pipelines' own traces are (or become) their adapted graphs
+    program = trace(first.model, example, training=False)
     sites = find_sites(program)
     ids = _add_ids_input(program)
-    state = dict(base.named_parameters(remove_duplicate=False))
-    state.update(base.named_buffers(remove_duplicate=False))
+    state = first.base_state()
     for path, (A_stack, B_stack) in stacked_lora(adapters).items():
         site = sites[path]
         dtype = logical_weight(site, state[site.weight]).dtype
@@ -202,8 +212,8 @@ def export_multi(
     check: bool = True,
     ort_fusions: bool = True,
 ) -> ExportReport:
-    """Export one graph serving `adapters` (AdaptedModels on one base), verified on fresh
-    shapes with random adapter ids against the PyTorch graph."""
+    """Export one graph serving `adapters` (AdaptedModels, or their Pipelines, on one base),
+    verified on fresh shapes with random adapter ids against the PyTorch graph."""
     gm, example = multi_adapter_module(adapters)
     report = export_module(gm, example, path, opset=opset, ort_fusions=ort_fusions)
     report.dtype = "fp32"

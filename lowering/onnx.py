@@ -11,10 +11,9 @@ model's named outputs (`logits`, ...) with batch and sequence axes dynamic.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from passes.merge import fold_weights, merged_weights, op_multiset
+from passes.pipeline import pipeline_of
 from rewrite.files import staged
 from rewrite.sites import find_sites
-from rewrite.trace import bind_inputs, dynamic_dims, trace
+from rewrite.trace import dynamic_dims, trace
 
 log = logging.getLogger("peftc.onnx")
 
@@ -349,24 +349,66 @@ def _cast_inputs(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torch.fx.GraphModule:
-    """The adapted model with adapters folded in, in `dtype`; merging always runs in fp32.
+@contextlib.contextmanager
+def _cast_tensors(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Swap a cast copy of `module`'s floating-point parameters and buffers into it, for the
+    duration; the originals are put back after, even on error.
 
-    fp32 uses `adapted.merge()`. fp16 re-traces an fp16 copy of the base model (its graph casts
-    to the traced dtype, so an fp32 graph cannot just take fp16 weights) and folds the merged
-    weights, computed in fp32 and cast once, into it."""
+    What `copy.deepcopy(module).to(dtype)` would trace, without copying the module tree or
+    the fp32 weights: only the cast tensors are made (the export needs them anyway). Tied
+    weights stay tied (one cast copy per tensor object). They go into the modules' own
+    parameter and buffer tables, not through `torch.func.functional_call`, because the trace
+    must see them as the module's parameters (sites are ops on parameters)."""
+    cast: dict[int, torch.Tensor] = {}
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+
+    def swap(table: dict, name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        value = table[name]
+        if value is None or not value.is_floating_point():
+            return
+        if id(value) not in cast:
+            cast[id(value)] = make(value)
+        saved.append((table, name, value))
+        table[name] = cast[id(value)]
+
+    try:
+        with torch.no_grad():
+            for sub in module.modules():
+                for name in list(sub._parameters):
+                    swap(
+                        sub._parameters,
+                        name,
+                        lambda p: torch.nn.Parameter(p.detach().to(dtype), requires_grad=False),
+                    )
+                for name in list(sub._buffers):
+                    swap(sub._buffers, name, lambda b: b.detach().to(dtype))
+        yield
+    finally:
+        for table, name, value in reversed(saved):
+            table[name] = value
+
+
+def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torch.fx.GraphModule:
+    """The adapted model (an AdaptedModel or its Pipeline) with adapters folded in, in `dtype`;
+    merging always runs in fp32.
+
+    fp32 uses the pipeline's merge. fp16 re-traces the base model with fp16 copies of its
+    weights swapped in (its graph casts to the traced dtype, so an fp32 graph cannot just take
+    fp16 weights) and folds the merged weights, computed in fp32 and cast once, into it."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    pipeline = pipeline_of(adapted)
     if dtype == "fp32":
-        return adapted.merge(safe_merge=safe_merge)
+        return pipeline.merge(safe_merge=safe_merge)
     torch_dtype = DTYPES[dtype]
-    base = copy.deepcopy(adapted.base).to(torch_dtype).eval()
-    inputs = _cast_inputs(bind_inputs(adapted.base, adapted._example_inputs), torch_dtype)
-    program = trace(base, inputs, training=False)
-    merged = merged_weights(adapted.plan.assignments, adapted.state(), safe_merge, torch_dtype)
-    state = dict(base.named_parameters(remove_duplicate=False))
-    state.update(base.named_buffers(remove_duplicate=False))
-    return fold_weights(program, find_sites(program), adapted.plan.assignments, state, merged)
+    assignments = pipeline.plan.assignments
+    merged = merged_weights(assignments, pipeline.state(), safe_merge, torch_dtype)
+    base = pipeline.model
+    inputs = _cast_inputs(pipeline.example_inputs, torch_dtype)
+    with _cast_tensors(base, torch_dtype):
+        program = trace(base, inputs, training=False)
+        state = pipeline.base_state()  # the fp16 copies, kept by the folded graph
+    return fold_weights(program, find_sites(program), assignments, state, merged)
 
 
 def export_merged(
@@ -380,21 +422,20 @@ def export_merged(
     ort_fusions: bool = True,
     safe_merge: bool = True,
 ) -> ExportReport:
-    """Fold the adapters of `adapted` (an AdaptedModel) into its weights and export to ONNX.
+    """Fold the adapters of `adapted` (an AdaptedModel or its Pipeline) into its weights and
+    export to ONNX.
 
     The file is verified with onnxruntime at two fresh shapes (tolerance 1e-4 fp32, 1e-2 fp16)
     and the merge drift against the unmerged model is measured and reported."""
-    gm = merged_module(adapted, dtype, safe_merge)
-    example = _cast_inputs(bind_inputs(adapted.base, adapted._example_inputs), DTYPES[dtype])
+    pipeline = pipeline_of(adapted)
+    gm = merged_module(pipeline, dtype, safe_merge)
+    fp32_example = pipeline.example_inputs
+    example = _cast_inputs(fp32_example, DTYPES[dtype])
     report = export_module(gm, example, path, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions)
     report.dtype = dtype
     report.tolerance = TOLERANCE[dtype]
-    fp32_example = bind_inputs(adapted.base, adapted._example_inputs)
     with torch.no_grad():
-        was_training = adapted.training
-        adapted.eval()
-        unmerged = flat_outputs(adapted(**fp32_example))
-        adapted.train(was_training)
+        unmerged = flat_outputs(pipeline.run(False, fp32_example))  # the eval graph, unmerged
         merged = flat_outputs(gm(**example))
     report.drift = max(
         (m.float() - u.float()).abs().max().item() for m, u in zip(merged, unmerged, strict=True)

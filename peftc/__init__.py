@@ -23,4 +23,3 @@ __version__ = "0.1.0"
 def methods() -> list[str]:
     """The spec names of the registered adapter methods, sorted."""
     return list(_registered())
-

@@ -13,7 +13,9 @@
 Rules apply in order and the first rule that matches a site wins. A target without glob
 characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does.
 Method names and hyperparameters are checked against the registry the caller passes in,
-so this module stays independent of the adapter library.
+so this module stays independent of the adapter library. The `placement:` section is typed
+the same way: the caller passes the parser (the cost model's `parse_placement`), so the
+section is parsed once, when the spec is, and the spec carries the typed object.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import difflib
 import fnmatch
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,9 @@ class AdapterRule:
 @dataclass(frozen=True)
 class AdaptationSpec:
     adapters: tuple[AdapterRule, ...]
-    placement: dict | None = None
+    # the placement section: the typed object load_spec's `parse_placement` made of it,
+    # or the mapping as written when the spec was loaded without one; None when absent
+    placement: Any = None
     seed: int = 0
     source: dict | None = dataclasses.field(default=None, compare=False)
 
@@ -186,10 +190,20 @@ def _build_method(method_cls: type, params: dict, where: str):
         raise SpecError(f"{where}: {e}") from None
 
 
-def load_spec(source: Any, methods: Mapping[str, type]) -> AdaptationSpec:
-    """Read and validate a spec against the registry `methods` (name -> dataclass)."""
+def load_spec(
+    source: Any,
+    methods: Mapping[str, type],
+    parse_placement: Callable[[Any], Any] | None = None,
+) -> AdaptationSpec:
+    """Read and validate a spec against the registry `methods` (name -> dataclass).
+
+    `parse_placement` validates and types the placement section (it must return its own output
+    unchanged, so that an already loaded spec passes through); without it the section stays
+    the mapping as written."""
     if isinstance(source, AdaptationSpec):
-        return source
+        if parse_placement is None or source.placement is None:
+            return source
+        return dataclasses.replace(source, placement=parse_placement(source.placement))
     data = _read(source)
     for key in data:
         if key not in TOP_KEYS:
@@ -209,7 +223,10 @@ def load_spec(source: Any, methods: Mapping[str, type]) -> AdaptationSpec:
     rules = tuple(
         _parse_rule(i, raw, methods, placement is not None) for i, raw in enumerate(raw_rules)
     )
-    return AdaptationSpec(rules, dict(placement) if placement else None, seed, data)
+    section = dict(placement) if placement else None
+    if section is not None and parse_placement is not None:
+        section = parse_placement(section)
+    return AdaptationSpec(rules, section, seed, data)
 
 
 def _parse_rule(index: int, raw: Any, methods: Mapping[str, type], placed: bool) -> AdapterRule:

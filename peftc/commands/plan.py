@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cost_model.place import place
+from cost_model.placement_spec import parse_placement
 from passes.adapters.registry import methods
 from peftc.commands.loading import example_inputs, load_model
 from rewrite.files import write_atomic
@@ -110,7 +111,7 @@ def _traceable(model: torch.nn.Module, batch: Any) -> bool:
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     registry = methods()
-    spec = load_spec(args.spec, registry)
+    spec = load_spec(args.spec, registry, parse_placement=parse_placement)  # parsed once
     batches = load_calibration(args) if args.calib else None
     if batches:
         bound = [bind_inputs(model, b) for b in batches]
