@@ -28,11 +28,11 @@ from lowering.onnx import (
     verify,
     verify_shapes,
 )
-from passes.adapters.insert import logical_weight, param_target
 from passes.adapters.registry import methods
 from passes.pipeline import Pipeline, pipeline_of
+from rewrite.names import logical_weight, param_target
 from rewrite.program import USER_INPUT, Program, Slot
-from rewrite.sites import find_sites
+from rewrite.sites import find_sites, operand
 from rewrite.trace import trace
 from rewrite.unlift import unlift
 
@@ -148,7 +148,7 @@ def _splice_site(graph: torch.fx.Graph, node, site, ids, A, B) -> None:
     The bias comes last so that onnxruntime's fusions still take it into the op that
     follows (attention, BiasGelu, SkipLayerNormalization) as they do in the merged graph;
     added before the update, it stays a separate Add per site."""
-    x = node.args[1] if site.op == "addmm" else node.args[0]
+    x = operand(node, site.op, "x")
     rank = x.meta["val"].dim()
     if rank not in (2, 3):
         raise MultiAdapterError(

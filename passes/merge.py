@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import torch
 import torch.fx
 
-from passes.adapters.insert import PREFIX, logical_weight, param_target
 from passes.cleanup import Cleanup
+from rewrite.names import PREFIX, logical_weight, param_target
 from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, SiteIndex
@@ -94,7 +94,7 @@ class MergeAdapters:
             a = self.by_path[tag["site"]]
             base = nodes[tag["base"]]
             site = a.site
-            _, w_index, _ = SITE_OPS[site.op]
+            w_index = SITE_OPS[site.op].weight
             shared = weight_uses[site.weight] > 1 or users_of_weight[site.weight] > 1
             target = f"{site.path}.weight" if shared else site.weight
             if shared:
@@ -149,7 +149,7 @@ class FoldWeights:
                     "the model's structure changed since it was compiled"
                 )
             nodes = self.sites.nodes[a.site.path]
-            _, w_index, _ = SITE_OPS[a.site.op]
+            w_index = SITE_OPS[a.site.op].weight
             shared = claimed[a.site.weight] > 1 or uses[a.site.weight] > len(nodes)
             target = f"{a.site.path}.weight" if shared else a.site.weight
             if shared:

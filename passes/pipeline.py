@@ -27,12 +27,13 @@ import torch
 from cost_model.place import place, wants_scores
 from cost_model.placement_spec import Placement, parse_placement
 from cost_model.plan import Plan
-from passes.adapters.insert import PREFIX, AdapterStore, create_adapter_tensors, insert_adapters
+from passes.adapters.insert import AdapterStore, create_adapter_tensors, insert_adapters
 from passes.adapters.registry import methods
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
 from passes.merge import MergeAdapters, merged_weights
 from rewrite.capture import capture_site_inputs
+from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.sites import SiteIndex, find_sites

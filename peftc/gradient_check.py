@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from cost_model.plan import Plan
-from passes.adapters.insert import param_target
+from rewrite.names import param_target
 
 
 class DeadAdapterWarning(UserWarning):

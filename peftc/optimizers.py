@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from passes.adapters.insert import param_target
 from peftc.peft_format import key_suffixes
+from rewrite.names import param_target
 
 
 def _embedding_adapters(adapted) -> set[str]:

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from passes.adapters.insert import param_target
 from passes.adapters.peft_record import get_nested, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
+from rewrite.names import param_target
 from rewrite.sites import SiteIndex
 
 WEIGHTS = "adapter_model.safetensors"

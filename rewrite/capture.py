@@ -15,17 +15,13 @@ import torch.fx
 from tqdm.auto import tqdm
 
 from rewrite.program import CONSTANT, USER_INPUT, Program
-from rewrite.sites import SiteIndex
+from rewrite.sites import SITE_OPS, SiteIndex
 
 SiteInputCallback = Callable[[str, torch.Tensor], None]
 
 
 def site_input(op: str, node: torch.fx.Node, args: tuple) -> Any:
-    if op == "embedding":
-        return args[1]
-    if op == "addmm":
-        return args[1]
-    return args[0]
+    return args[SITE_OPS[op].x]
 
 
 def _token_rows(x: torch.Tensor, op: str, mask: torch.Tensor | None) -> torch.Tensor:

@@ -8,6 +8,7 @@ Sites are keyed by module path; a module called twice is one site with two nodes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import networkx as nx
 import torch
@@ -17,15 +18,31 @@ from rewrite.program import PARAMETER, Program
 
 aten = torch.ops.aten
 
-# op name -> (ATen overload, index of the weight argument, index of the bias argument or None)
+
+class SiteOp(NamedTuple):
+    """A site op kind: its ATen overload and which argument is x, the weight and the bias."""
+
+    target: Any
+    x: int
+    weight: int
+    bias: int | None
+
+
+# The one table of site operands; every pass and lowering reads x, W and b through it.
 SITE_OPS = {
-    "linear": (aten.linear.default, 1, 2),
-    "addmm": (aten.addmm.default, 2, 0),
-    "conv1d": (aten.conv1d.default, 1, 2),
-    "conv2d": (aten.conv2d.default, 1, 2),
-    "embedding": (aten.embedding.default, 0, None),
+    "linear": SiteOp(aten.linear.default, x=0, weight=1, bias=2),
+    "addmm": SiteOp(aten.addmm.default, x=1, weight=2, bias=0),  # weight stored [in, out]
+    "conv1d": SiteOp(aten.conv1d.default, x=0, weight=1, bias=2),
+    "conv2d": SiteOp(aten.conv2d.default, x=0, weight=1, bias=2),
+    "embedding": SiteOp(aten.embedding.default, x=1, weight=0, bias=None),
 }
-_OP_BY_TARGET = {target: name for name, (target, _, _) in SITE_OPS.items()}
+_OP_BY_TARGET = {op.target: name for name, op in SITE_OPS.items()}
+
+
+def operand(node: torch.fx.Node, op: str, role: str) -> Any:
+    """Argument `role` ("x", "weight" or "bias") of a site node of kind `op` (None if absent)."""
+    index = getattr(SITE_OPS[op], role)
+    return node.args[index] if index is not None and index < len(node.args) else None
 
 
 @dataclass(frozen=True)
@@ -135,8 +152,7 @@ def find_sites(program: Program) -> SiteIndex:
         if node.meta.get("peftc"):  # an adapter's own op, not a base site
             continue
         op = _OP_BY_TARGET[node.target]
-        _, w_index, b_index = SITE_OPS[op]
-        weight = node.args[w_index] if len(node.args) > w_index else None
+        weight = operand(node, op, "weight")
         if not isinstance(weight, torch.fx.Node) or weight.name not in params:
             continue
         val = weight.meta.get("val")
@@ -152,7 +168,7 @@ def find_sites(program: Program) -> SiteIndex:
             in_f, out_f = shape
         else:
             out_f, in_f = shape[0], shape[1]
-        bias = node.args[b_index] if b_index is not None and len(node.args) > b_index else None
+        bias = operand(node, op, "bias")
         module_type, layer = split_path(path)
         conv = None
         if op in ("conv1d", "conv2d"):

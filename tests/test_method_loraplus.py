@@ -9,11 +9,11 @@ from peft import LoraConfig
 from peft.optimizers import create_loraplus_optimizer as peft_create_loraplus_optimizer
 
 import peftc
-from passes.adapters.insert import param_target
 from passes.adapters.lora import LoRA
 from passes.adapters.loraplus import LoRAPlus
 from passes.adapters.registry import methods
 from peftc.peft_format import claims, method_for_config, peft_key, spec_from_peft
+from rewrite.names import param_target
 from rewrite.spec import SpecError, load_spec
 from tests.method_checks import (
     assert_costs_match,

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from passes.adapters.insert import logical_weight, param_target
 from passes.merge import MergeError, merged_weights
 from peftc.inspect.graph import short_target, tag_sites, value_text
+from rewrite.names import logical_weight, param_target
 from rewrite.sites import SITE_OPS, find_sites, module_path, type_matches
 from rewrite.spec import path_matches
 
-_SITE_TARGETS = {target for target, _, _ in SITE_OPS.values()}
+_SITE_TARGETS = {op.target for op in SITE_OPS.values()}
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _merged_lines(a, state, merged_gm, merge_error) -> tuple[list[str], float | 
     lines = [node_line(n) for n in nodes]
     doc = (method.merged_weight.__doc__ or "").strip().splitlines()
     lines.append(f"the weight it reads is merged_weight(W, adapter): {doc[0] if doc else ''}")
-    _, w_index, _ = SITE_OPS[site.op]
+    w_index = SITE_OPS[site.op].weight
     delta = None
     if nodes and isinstance(nodes[0].args[w_index], torch.fx.Node):
         target = nodes[0].args[w_index].target

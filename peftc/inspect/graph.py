@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from passes.adapters.insert import PREFIX
+from rewrite.names import PREFIX
 from rewrite.program import Program
 from rewrite.sites import find_sites
 from rewrite.spec import path_matches
