@@ -20,12 +20,13 @@ import torch.fx
 
 from rewrite.passes import PassResult, RuleSet, RuleStats
 from rewrite.program import PARAMETER, Program
+from rewrite.tags import FUSED, KEY, adapter_tag, tag_of
 
 aten = torch.ops.aten
 
 
 def _adapter_node(node: torch.fx.Node) -> bool:
-    return bool(node.meta.get("peftc"))
+    return tag_of(node) is not None
 
 
 class FuseSiblings:
@@ -69,11 +70,7 @@ class FuseSiblings:
             weights = [n.args[1] for n in nodes]
             ranks = [_rank_of(n) for n in nodes]
             first = min(nodes, key=order.__getitem__)
-            tag = {
-                "site": ",".join(n.meta["peftc"]["site"] for n in nodes),
-                "method": "fused",
-                "role": "fused",
-            }
+            tag = adapter_tag(tuple(s for n in nodes for s in tag_of(n)["sites"]), "fused", FUSED)
             with graph.inserting_before(first):
                 cat = graph.call_function(aten.cat.default, (weights, 0))
                 fused = graph.call_function(aten.linear.default, (x, cat))
@@ -82,7 +79,7 @@ class FuseSiblings:
                     graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))
                 ]
             for new in (cat, fused, split, *parts):
-                new.meta["peftc"] = dict(tag)
+                new.meta[KEY] = adapter_tag(tag["sites"], tag["method"], tag["role"])
             for node, part in zip(nodes, parts, strict=True):
                 node.replace_all_uses_with(part)
                 graph.erase_node(node)

@@ -24,6 +24,7 @@ from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, SiteIndex
 from rewrite.spec import Assignment
+from rewrite.tags import tag_of
 from rewrite.unlift import unlift
 
 
@@ -86,12 +87,13 @@ class MergeAdapters:
         for n in graph.nodes:
             if n.op == "placeholder" and n.name in param_names:
                 users_of_weight[param_names[n.name]] = len(
-                    [u for u in n.users if not u.meta.get("peftc")]
+                    [u for u in n.users if tag_of(u) is None]
                 )
         modified = False
-        for out in [n for n in graph.nodes if n.meta.get("peftc", {}).get("output")]:
-            tag = out.meta["peftc"]
-            a = self.by_path[tag["site"]]
+        for out in [n for n in graph.nodes if (tag_of(n) or {}).get("output")]:
+            tag = tag_of(out)
+            (path,) = tag["sites"]
+            a = self.by_path[path]
             base = nodes[tag["base"]]
             site = a.site
             w_index = SITE_OPS[site.op].weight

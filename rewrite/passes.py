@@ -22,6 +22,7 @@ from typing import Protocol
 import torch.fx
 
 from rewrite.program import Program
+from rewrite.tags import tag_of
 
 
 @dataclass
@@ -58,13 +59,13 @@ def _adapter_values(program: Program) -> str | None:
     bare = [
         n.name
         for n in program.graph.nodes
-        if n.op == "call_function" and n.meta.get("peftc") and n.users and "val" not in n.meta
+        if n.op == "call_function" and tag_of(n) and n.users and "val" not in n.meta
     ]
     return f"adapter nodes without shape metadata: {', '.join(bare[:5])}" if bare else None
 
 
 def _adapter_nodes(program: Program) -> str | None:
-    left = [n.name for n in program.graph.nodes if n.meta.get("peftc")]
+    left = [n.name for n in program.graph.nodes if tag_of(n)]
     return f"adapter nodes remain: {', '.join(left[:5])}" if left else None
 
 

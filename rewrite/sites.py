@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from rewrite.program import PARAMETER, Program
+from rewrite.tags import KEY as TAG_KEY
 
 aten = torch.ops.aten
 
@@ -149,7 +150,7 @@ def find_sites(program: Program) -> SiteIndex:
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in _OP_BY_TARGET:
             continue
-        if node.meta.get("peftc"):  # an adapter's own op, not a base site
+        if node.meta.get(TAG_KEY):  # an adapter's own op, not a base site
             continue
         op = _OP_BY_TARGET[node.target]
         weight = operand(node, op, "weight")

@@ -92,9 +92,9 @@ def test_dot_is_valid_and_colours_nodes_by_role(adapted):
 
 def test_fused_nodes_get_their_own_colour(adapted):
     program = adapted.program().clone()
-    fused = next(n for n in program.graph.nodes if n.meta.get("peftc", {}).get("site") == Q0)
+    fused = next(n for n in program.graph.nodes if n.meta.get("peftc", {}).get("sites") == (Q0,))
     # the fusion pass's tag: one `site` string naming the fused sites, joined by commas
-    fused.meta["peftc"] = {"site": f"{Q0},{V0}", "method": "fused", "role": "fused"}
+    fused.meta["peftc"] = {"sites": (Q0, V0), "method": "fused", "role": "fused"}
     g = program_graph(program)
     assert g.nodes[fused.name]["sites"] == (Q0, V0)
     assert fused.name in site_nodes(g, V0)[V0]
@@ -126,9 +126,7 @@ def test_around_keeps_the_site_and_nothing_beyond_the_radius(adapted, radius):
     full = program_graph(program)
     centers = site_nodes(full, f"*.layers.0.*.{Q0.rsplit('.', 1)[-1]}")[Q0]
     spliced = {
-        n.name
-        for n in program.graph.nodes
-        if Q0 in n.meta.get("peftc", {}).get("site", "").split(",")
+        n.name for n in program.graph.nodes if Q0 in n.meta.get("peftc", {}).get("sites", ())
     }
     assert "linear" in centers and spliced and spliced <= set(centers)
     sub = neighbourhood(full, centers, radius)

@@ -32,7 +32,7 @@ def q0(adapted):
 
 def test_original_and_inserted_nodes(adapted, q0):
     graph = adapted.program().graph
-    spliced = [n for n in graph.nodes if Q0 in n.meta.get("peftc", {}).get("site", "").split(",")]
+    spliced = [n for n in graph.nodes if Q0 in n.meta.get("peftc", {}).get("sites", ())]
     assert [line.split(" = ")[0] for line in q0.inserted] == [n.name for n in spliced]
     for node, line in zip(spliced, q0.inserted):  # fused nodes (shared with v_proj) say so
         assert line.split("\n")[0].endswith("[fused]") == (node.meta["peftc"]["role"] == "fused")

@@ -75,7 +75,7 @@ def test_report_is_self_contained_and_complete(adapted, report):
         assert pic.layout == engine
         assert pic.legend is None  # the page's legend, above the pictures, serves them all
         spliced = {
-            n.name for n in program.graph.nodes if n.meta.get("peftc", {}).get("site") == site
+            n.name for n in program.graph.nodes if n.meta.get("peftc", {}).get("sites") == (site,)
         }
         assert spliced and spliced <= set(pic.nodes)
         assert all(pic.nodes[n].get("data-peftc-role") == "adapter" for n in spliced)
@@ -143,7 +143,7 @@ def test_report_renders_in_headless_chromium(adapted, report, tmp_path):
                 sum(
                     1
                     for n in adapted.program().graph.nodes
-                    if site in n.meta.get("peftc", {}).get("site", "").split(",")
+                    if site in n.meta.get("peftc", {}).get("sites", ())
                 )
                 + 2  # lora_A and lora_B placeholders
                 for site in PICTURED

@@ -13,7 +13,7 @@ from rewrite.passes import PassConditionError, PassManager, PassResult
 from rewrite.program import PARAMETER, USER_INPUT, Program, Slot
 
 aten = torch.ops.aten
-TAG = {"site": "s", "method": "lora", "role": "adapter"}
+TAG = {"sites": ("s",), "method": "lora", "role": "adapter"}
 
 
 def program(graph: torch.fx.Graph, params: list[str], training: bool = True) -> Program:
@@ -115,7 +115,7 @@ def siblings(with_values: bool = True) -> Program:
     outs = []
     for i, (A, r) in enumerate(((A1, 2), (A2, 3))):
         val = torch.empty(3, r, device="meta") if with_values else None
-        outs.append(tagged(g.call_function(aten.linear.default, (x, A)), val, site=f"s{i}"))
+        outs.append(tagged(g.call_function(aten.linear.default, (x, A)), val, sites=(f"s{i}",)))
     g.output(tuple(outs))
     return program(g, ["a1", "a2"])
 
@@ -129,7 +129,7 @@ def test_fuse_siblings_turns_two_matmuls_into_one_and_keeps_the_values():
     linears = [n for n in p.graph.nodes if n.target == aten.linear.default]
     assert len(linears) == 1 and linears[0].args[1].target == aten.cat.default
     assert [n.target for n in p.graph.nodes if n.op == "call_function"].count(operator.getitem) == 2
-    assert linears[0].meta["peftc"]["site"] == "s0,s1"
+    assert linears[0].meta["peftc"]["sites"] == ("s0", "s1")  # a tuple, not a joined string
     for got, want in zip(run(p, A1, A2, x), expected, strict=True):
         torch.testing.assert_close(got, want)
 

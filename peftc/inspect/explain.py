@@ -16,10 +16,11 @@ import torch
 import torch.fx
 
 from passes.merge import MergeError, merged_weights
-from peftc.inspect.graph import short_target, tag_sites, value_text
+from peftc.inspect.graph import short_target, value_text
 from rewrite.names import logical_weight, param_target
 from rewrite.sites import SITE_OPS, find_sites, module_path, type_matches
 from rewrite.spec import path_matches
+from rewrite.tags import tag_of
 
 _SITE_TARGETS = {op.target for op in SITE_OPS.values()}
 
@@ -124,8 +125,8 @@ def _explain_site(adapted, program, site, a, base_nodes, merged_gm, merge_error,
         flags += ", shared by every site of this method" if spec.shared else ""
         e.tensors.append(f"{target}  {list(state[target].shape)}  ({flags})")
     for node in program.graph.nodes:
-        tag = node.meta.get("peftc")
-        if not tag or site.path not in tag_sites(tag) or node.op == "placeholder":
+        tag = tag_of(node)
+        if not tag or site.path not in tag["sites"] or node.op == "placeholder":
             continue
         line = node_line(node)
         if tag.get("role", "adapter") != "adapter":
@@ -194,7 +195,7 @@ def _merged_lines(a, state, merged_gm, merge_error) -> tuple[list[str], float | 
         and n.target in _SITE_TARGETS
         and module_path(n, "")[0] == site.path
     ]
-    left = [n for n in merged_gm.graph.nodes if site.path in tag_sites(n.meta.get("peftc") or {})]
+    left = [n for n in merged_gm.graph.nodes if site.path in (tag_of(n) or {}).get("sites", ())]
     lines = [node_line(n) for n in nodes]
     doc = (method.merged_weight.__doc__ or "").strip().splitlines()
     lines.append(f"the weight it reads is merged_weight(W, adapter): {doc[0] if doc else ''}")

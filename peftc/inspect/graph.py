@@ -20,21 +20,9 @@ from rewrite.names import PREFIX
 from rewrite.program import Program
 from rewrite.sites import find_sites
 from rewrite.spec import path_matches
+from rewrite.tags import ADAPTER, FUSED, tag_of  # noqa: F401 (node roles, beside BASE)
 
-ADAPTER, FUSED, BASE = "adapter", "fused", "base"
-
-
-def tag_sites(tag: dict) -> tuple[str, ...]:
-    """The site paths a `node.meta["peftc"]` tag names: `site` is one path, or for fused nodes
-    several joined by commas (module paths hold no commas); a `sites` list is read too."""
-    found: list[str] = []
-    for key in ("site", "sites"):
-        value = tag.get(key)
-        if isinstance(value, str):
-            found.extend(p.strip() for p in value.split(",") if p.strip())
-        elif isinstance(value, list | tuple):
-            found.extend(v for v in value if isinstance(v, str))
-    return tuple(dict.fromkeys(found))
+BASE = "base"
 
 
 def short_target(node: torch.fx.Node) -> str:
@@ -76,11 +64,10 @@ def program_graph(program: Program) -> nx.DiGraph:
     site_of_node = {n.name: path for path, nodes in base_sites.nodes.items() for n in nodes}
     g = nx.DiGraph()
     for node in program.graph.nodes:
-        tag = node.meta.get("peftc") or {}
+        tag = tag_of(node)
         role, sites = BASE, ()
         if tag:
-            role = tag.get("role", ADAPTER)
-            sites = tag_sites(tag)
+            role, sites = tag["role"], tag["sites"]
         elif node.op == "placeholder" and slot_target.get(node.name, "").startswith(PREFIX):
             role = ADAPTER
             sites = _sites_of_tensor(slot_target[node.name], base_sites.sites)
