@@ -1,7 +1,8 @@
 """The pass that grafts adapter subgraphs onto the planned sites, and the adapter tensor store.
 
-For each site node the rule traces the method's `forward` into an ATen snippet (cached by
-method, shapes and mode), adds the adapter tensors as parameter placeholders named
+For each site node the rule traces the method's `forward` into an ATen snippet (cached for the
+whole process by method, hyperparameters, op, shapes, dtypes and mode: see `_snippet_key` and
+`rewrite.splice.trace_snippet`), adds the adapter tensors as parameter placeholders named
 `adapters.<site path>.<name>` (shared tensors: `adapters.shared.<method>.<name>`), splices the
 snippet after the base op and reroutes the base op's users to the adapted output.
 """
@@ -15,21 +16,15 @@ import torch
 import torch.fx
 
 from passes.adapters.base import SiteContext
+from rewrite.names import PREFIX, logical_weight, param_target
 from rewrite.passes import RuleSet
 from rewrite.program import Program
-from rewrite.sites import Site, SiteIndex
+from rewrite.sites import Site, SiteIndex, operand
 from rewrite.spec import Assignment
 from rewrite.splice import splice, trace_snippet
+from rewrite.tags import adapter_tag
 
 aten = torch.ops.aten
-PREFIX = "adapters."
-
-
-def param_target(method, site: Site, name: str) -> str:
-    spec = method.params(site)[name]
-    if spec.shared:
-        return f"{PREFIX}shared.{method.name}.{name}"
-    return f"{PREFIX}{site.path}.{name}"
 
 
 class AdapterStore(torch.nn.Module):
@@ -93,17 +88,26 @@ def create_adapter_tensors(
             made[target] = tuple(spec.shape)
 
 
-def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
-    """The weight in [out, in] layout (addmm stores it as [in, out])."""
-    return W.t() if site.op == "addmm" else W
-
-
-def _snippet_key(a: Assignment, training: bool, x: torch.fx.Node) -> tuple:
-    site = dataclasses.replace(
-        a.site, path="", module_type="", layer=None, weight="", group=(), module_class=""
+def anonymous_site(site: Site) -> Site:
+    """`site` with the fields that say where it is (path, layer, module type and class, weight
+    name, sibling group) blanked: what an adapter forward is traced with. No forward needs
+    them, and handing it only this makes `_snippet_key` complete by construction."""
+    return dataclasses.replace(
+        site, path="", module_type="", layer=None, weight="", group=(), module_class=""
     )
-    pattern = tuple("s" if isinstance(d, torch.SymInt) else int(d) for d in x.meta["val"].shape)
-    return (a.method, site, training, pattern)
+
+
+def _snippet_key(method: object, site: Site, training: bool) -> tuple:
+    """What an adapter's traced forward depends on besides its tensors' shapes and dtypes
+    (`trace_snippet` adds those): the method (its class and every hyperparameter, as the
+    frozen dataclass compares them), the anonymous site (op, bias presence, conv geometry,
+    padding index, dims, dtype) and the mode. Keeping a site's path in it would give every
+    site an export of its own."""
+    # alpha=8 equals alpha=8.0, but a scalar's type is written into the graph (mul by an
+    # int or by a float), so the field types are part of the key too
+    fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
+    types = tuple(type(getattr(method, f.name)) for f in fields)
+    return (type(method), method, types, anonymous_site(site), training)
 
 
 class InsertAdapterRule:
@@ -115,7 +119,6 @@ class InsertAdapterRule:
         self.program = program
         self.by_path = {a.site.path: a for a in plan}
         self.path_of = {node: path for path, nodes in sites.nodes.items() for node in nodes}
-        self.cache: dict[tuple, torch.fx.GraphModule] = {}
 
     def matches(self, node: torch.fx.Node) -> bool:
         return node in self.path_of
@@ -129,47 +132,42 @@ class InsertAdapterRule:
         a = self.by_path[self.path_of[node]]
         site, method, graph = a.site, a.method, self.program.graph
         training = self.program.training
-        if site.op == "embedding":
-            x, weight = node.args[1], node.args[0]
-        elif site.op == "addmm":
-            x, weight = node.args[1], node.args[2]
-        else:
-            x, weight = node.args[0], node.args[1]
-        bias = None
-        if site.has_bias:
-            bias = node.args[0] if site.op == "addmm" else node.args[2]
+        x, weight = operand(node, site.op, "x"), operand(node, site.op, "weight")
+        bias = operand(node, site.op, "bias") if site.has_bias else None
         if site.op == "addmm":
             with graph.inserting_before(node.next):
                 weight = graph.call_function(aten.t.default, (weight,))
         names = list(method.params(site))
         param_nodes = [self.program.add_parameter(param_target(method, site, n)) for n in names]
-        key = _snippet_key(a, training, x)
-        if key not in self.cache:
-            meta = {
-                n: torch.empty(s.shape, dtype=s.dtype or site.dtype, device="meta")
-                for n, s in method.params(site).items()
-            }
-            w_meta = torch.empty(
-                (site.out_features, site.in_features)
-                if site.op not in ("embedding",) and site.conv is None
-                else site.weight_shape,
-                dtype=site.dtype,
-                device="meta",
-            )
-            b_meta = (
-                torch.empty((site.out_features,), dtype=site.dtype, device="meta")
-                if bias is not None
-                else None
-            )
+        meta = {
+            n: torch.empty(s.shape, dtype=s.dtype or site.dtype, device="meta")
+            for n, s in method.params(site).items()
+        }
+        w_meta = torch.empty(
+            (site.out_features, site.in_features)
+            if site.op not in ("embedding",) and site.conv is None
+            else site.weight_shape,
+            dtype=site.dtype,
+            device="meta",
+        )
+        b_meta = (
+            torch.empty((site.out_features,), dtype=site.dtype, device="meta")
+            if bias is not None
+            else None
+        )
 
-            def fn(x, base_out, W, b, p, _site=site, _method=method):
-                return _method.forward(x, base_out, W, p, SiteContext(_site, training, b))
+        traced_site = anonymous_site(site)
 
-            self.cache[key] = trace_snippet(fn, x, node, w_meta, b_meta, meta)
+        def fn(x, base_out, W, b, p):
+            return method.forward(x, base_out, W, p, SiteContext(traced_site, training, b))
+
+        snippet = trace_snippet(
+            fn, x, node, w_meta, b_meta, meta, key=_snippet_key(method, site, training)
+        )
         inputs = [x, node, weight, bias, *param_nodes]
-        tag = {"site": site.path, "method": method.name, "role": "adapter"}
+        tag = adapter_tag((site.path,), method.name)
         after = weight if site.op == "addmm" else node
-        out, inserted = splice(graph, self.cache[key], inputs, after, tag)
+        out, inserted = splice(graph, snippet, inputs, after, tag)
         out.meta["peftc"].update(output=True, base=node.name)
         keep = set(inserted)
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
