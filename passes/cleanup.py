@@ -14,5 +14,5 @@ class Cleanup:
     def __call__(self, program: Program) -> PassResult:
         modified = program.graph.eliminate_dead_code()
         if modified:
-            program.graph_module.recompile()
+            program.recompile()
         return PassResult(program.graph_module, modified)

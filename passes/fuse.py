@@ -86,7 +86,7 @@ class FuseSiblings:
             stats.matches += 1
             modified = True
         if modified:
-            program.graph_module.recompile()
+            program.recompile()
         return PassResult(program.graph_module, modified)
 
 

@@ -113,7 +113,7 @@ class MergeAdapters:
                 if not node.users and slot.target.startswith(PREFIX):
                     graph.erase_node(node)
                     program.slots.remove(slot)
-        program.graph_module.recompile()
+        program.recompile()
         return PassResult(program.graph_module, modified)
 
 
@@ -161,7 +161,7 @@ class FoldWeights:
                     args[w_index] = placeholder
                     node.args = tuple(args)
             self.state[target] = self.merged[a.site.path]
-        program.graph_module.recompile()
+        program.recompile()
         return PassResult(program.graph_module, bool(self.assignments))
 
 

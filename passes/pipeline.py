@@ -18,6 +18,7 @@ AdaptedModel), never an AdaptedModel's private fields.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -82,6 +83,8 @@ class Pipeline:
         self.plan: Plan | None = None
         self.adapters = AdapterStore()
         self.pass_records: list[PassRecord] = []  # the adapt pipeline as first run
+        self._records_mode: bool | None = None  # the mode pass_records were built in
+        self._records_with_code: list[PassRecord] | None = None
         # compiled callables that replace a mode's graph module when it runs (lowering.inductor)
         self.runners: dict[bool, Callable[..., Any]] = {}
         self._traces: dict[bool, Program] = {}  # un-rewritten, until that mode's graph is built
@@ -245,11 +248,31 @@ class Pipeline:
             self._programs[training] = program
             if not self.pass_records:  # the pipeline as run at compile time
                 self.pass_records = manager.records
+                self._records_mode = training
         program = self._programs[training]
         if values and training not in self._refreshed:
             refresh_values(program, self.state())
             self._refreshed.add(training)
         return program
+
+    def pass_trace(self, diffs: bool = False) -> list[PassRecord]:
+        """The adapt pipeline's records as run at compile time. With `diffs` every record
+        also holds the graph code before and after its pass; a compile that kept none (no
+        debug) has the pipeline replayed once on a fresh trace of the same mode for them, so
+        only inspect pays for diffs (one more torch.export)."""
+        records = self.pass_records
+        if not diffs or all(r.code_before is not None for r in records):
+            return records
+        if self._records_with_code is None:
+            program = trace(self.model, self.example_inputs, training=self._records_mode)
+            passes = self.adapt_passes(program, find_sites(program))
+            replay = PassManager(passes, keep_code=True)
+            replay.run(program)
+            self._records_with_code = [
+                dataclasses.replace(r, code_before=again.code_before, code_after=again.code_after)
+                for r, again in zip(records, replay.records, strict=True)
+            ]
+        return self._records_with_code
 
     def run(self, training: bool, inputs: Mapping[str, Any]) -> Any:
         """Run a mode's adapted graph on named inputs (compiled, where `runners` has it)."""

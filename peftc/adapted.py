@@ -59,6 +59,11 @@ class AdaptedModel(torch.nn.Module):
     def pass_records(self) -> list[PassRecord]:
         return self.pipeline.pass_records
 
+    def pass_trace(self, diffs: bool = False) -> list[PassRecord]:
+        """The pass records; with `diffs`, each with the graph code around its pass (see
+        Pipeline.pass_trace: a compile without debug replays the pipeline once for them)."""
+        return self.pipeline.pass_trace(diffs)
+
     def program(self, training: bool | None = None, values: bool = False) -> Program:
         """The rewritten graph for train (or eval) mode; the other mode is built on first use.
 

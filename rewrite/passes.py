@@ -4,8 +4,9 @@ A rule has a pattern (`matches`), a `check` that returns a reason when it declin
 `rewrite`. A `RuleSet` pass applies its rules to each node and counts matches and declines
 by reason. A pass declares the graph conditions it `requires` and `ensures` (names in
 `CONDITIONS`); the `PassManager` checks them around each pass and names the pass that broke
-one. It records what each pass did (the code before and after, diffed only when asked), and
-with `debug=True` or PEFTC_DEBUG=1 prints the diff per pass.
+one. It records what each pass did (and, when asked, the code before and after for a diff),
+recompiles the graph module once at the end, and with `debug=True` or PEFTC_DEBUG=1 prints
+the diff per pass.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class RuleSet:
                 modified = True
                 break
         if modified:
-            program.graph_module.recompile()
+            program.recompile()
         return PassResult(program.graph_module, modified)
 
 
@@ -167,12 +168,19 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     rules: dict[str, RuleStats]
-    code_before: str = field(repr=False)
-    code_after: str = field(repr=False)
+    # the graph's code around the pass; kept only when asked (debug, or keep_code=True)
+    code_before: str | None = field(default=None, repr=False)
+    code_after: str | None = field(default=None, repr=False)
 
     @functools.cached_property
     def diff(self) -> str:
         """A unified diff of the graph code before and after the pass ("" if unchanged)."""
+        if self.code_before is None or self.code_after is None:
+            raise ValueError(
+                f"the record of pass {self.name} kept no code to diff: run the pass manager "
+                "with keep_code=True (peftc.compile(..., debug=True)), or ask the pipeline "
+                "for pass_trace(diffs=True)"
+            )
         return "".join(
             difflib.unified_diff(
                 self.code_before.splitlines(keepends=True),
@@ -183,8 +191,10 @@ class PassRecord:
         )
 
 
-def _code(program: Program) -> str:
-    return program.graph_module.code
+def graph_code(program: Program) -> str:
+    """The Python the graph compiles to now (what GraphModule.code holds after a recompile),
+    generated without compiling it."""
+    return program.graph.python_code(root_module="self").src
 
 
 def debug_enabled(flag: bool | None) -> bool:
@@ -192,11 +202,16 @@ def debug_enabled(flag: bool | None) -> bool:
 
 
 class PassManager:
-    """Runs a named list of passes over a Program and records what each one did."""
+    """Runs a named list of passes over a Program and records what each one did.
 
-    def __init__(self, passes: list[Pass], debug: bool | None = None):
+    The graph module is recompiled once, after the last pass (passes only mark it stale).
+    With `keep_code` (implied by debug) each record also keeps the graph's code before and
+    after its pass, for diffs: generating it costs about what a recompile does."""
+
+    def __init__(self, passes: list[Pass], debug: bool | None = None, keep_code: bool = False):
         self.passes = passes
         self.debug = debug_enabled(debug)
+        self.keep_code = keep_code or self.debug
         self.records: list[PassRecord] = []
 
     @property
@@ -204,37 +219,43 @@ class PassManager:
         return [p.name for p in self.passes]
 
     def run(self, program: Program) -> Program:
-        for p in self.passes:
-            check_conditions(p, program, "requires")
-            # GraphModule.code is the source kept from the last recompile: holding it is free,
-            # and the diff is computed only when debug output or inspect reads it.
-            before = _code(program)
-            n_before = len(program.graph.nodes)
-            start = time.perf_counter()
-            result = p(program)
-            seconds = time.perf_counter() - start
-            check_conditions(p, program, "ensures")
-            record = PassRecord(
-                p.name,
-                seconds,
-                result.modified,
-                n_before,
-                len(program.graph.nodes),
-                dict(getattr(p, "stats", {})),
-                before,
-                _code(program),
+        with program.deferred_recompile():
+            code = graph_code(program) if self.keep_code else None
+            for p in self.passes:
+                code = self._run_one(p, program, code)
+        return program
+
+    def _run_one(self, p: Pass, program: Program, before: str | None) -> str | None:
+        check_conditions(p, program, "requires")
+        n_before = len(program.graph.nodes)
+        start = time.perf_counter()
+        result = p(program)
+        seconds = time.perf_counter() - start
+        check_conditions(p, program, "ensures")
+        after = None
+        if self.keep_code:
+            after = graph_code(program) if result.modified else before
+        record = PassRecord(
+            p.name,
+            seconds,
+            result.modified,
+            n_before,
+            len(program.graph.nodes),
+            dict(getattr(p, "stats", {})),
+            before,
+            after,
+        )
+        self.records.append(record)
+        if self.debug:
+            print(
+                f"[peftc] pass {p.name}: {record.nodes_before} -> {record.nodes_after} nodes, "
+                f"{'modified' if result.modified else 'unchanged'}, {seconds * 1e3:.1f} ms",
+                file=sys.stderr,
             )
-            self.records.append(record)
-            if self.debug:
+            for rule, stats in record.rules.items():
                 print(
-                    f"[peftc] pass {p.name}: {record.nodes_before} -> {record.nodes_after} nodes, "
-                    f"{'modified' if result.modified else 'unchanged'}, {seconds * 1e3:.1f} ms",
+                    f"[peftc]   rule {rule}: {stats.matches} matches, declines {dict(stats.declines)}",
                     file=sys.stderr,
                 )
-                for rule, stats in record.rules.items():
-                    print(
-                        f"[peftc]   rule {rule}: {stats.matches} matches, declines {dict(stats.declines)}",
-                        file=sys.stderr,
-                    )
-                print(record.diff or "[peftc]   (no change)", file=sys.stderr)
-        return program
+            print(record.diff or "[peftc]   (no change)", file=sys.stderr)
+        return after

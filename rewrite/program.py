@@ -9,8 +9,9 @@ it makes adapter tensors ordinary graph inputs, so swapping them never recompile
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,14 +48,39 @@ class Program:
     input_meta: dict[str, tuple[tuple[int | None, ...], torch.dtype]]  # None marks a dynamic dim
     training: bool
     exported: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    # recompiles asked for inside `deferred_recompile()`, made once when it ends
+    _deferring: int = field(default=0, repr=False, compare=False)
+    _stale: bool = field(default=False, repr=False, compare=False)
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.graph_module.graph
 
+    def recompile(self) -> None:
+        """Regenerate the graph module's code after a rewrite of its graph (what a pass calls
+        once it changed something). Inside `deferred_recompile()` this only marks the code
+        stale: generating Python for a 4,000-node graph takes a tenth of a second or more, and
+        the passes between read the graph, never the code."""
+        if self._deferring:
+            self._stale = True
+        else:
+            self.graph_module.recompile()
+
+    @contextlib.contextmanager
+    def deferred_recompile(self) -> Iterator[None]:
+        """Hold the recompiles passes ask for until the block ends, then make one."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring and self._stale:
+                self._stale = False
+                self.graph_module.recompile()
+
     def placeholder(self, name: str) -> torch.fx.Node:
-        for node in self.graph.nodes:
-            if node.op == "placeholder" and node.name == name:
+        for node in self.graph.find_nodes(op="placeholder"):
+            if node.name == name:
                 return node
         raise KeyError(name)
 
@@ -74,7 +100,7 @@ class Program:
         )
         name = target.replace(".", "_")
         if first_input is None:
-            last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+            last = self.graph.find_nodes(op="placeholder")[-1]
             ctx = self.graph.inserting_after(last)
         else:
             ctx = self.graph.inserting_before(first_input)

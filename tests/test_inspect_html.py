@@ -60,7 +60,7 @@ def test_report_is_self_contained_and_complete(adapted, report):
     rows = re.findall(r'<tr class="site (adapted|unadapted)" data-path="([^"]+)"', text)
     assert [p for _, p in rows] == [s.path for s in adapted.sites]
     assert {p for cls, p in rows if cls == "adapted"} == {a.path for a in adapted.plan}
-    modified = [r for r in adapted.pass_records if r.diff]
+    modified = [r for r in adapted.pass_trace(diffs=True) if r.diff]
     assert len(re.findall(r'<details class="diff"', text)) == len(modified)
     # one picture per kind of adapter: q_proj, v_proj, down_proj
     figures = re.findall(

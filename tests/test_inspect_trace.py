@@ -44,11 +44,24 @@ def test_rule_matches_and_declines_by_reason(adapted):
         "declines": {"not targeted by the spec": len(adapted.sites) - 2},
     }
     assert "diff" not in data[0]
-    assert trace_json(adapted.pass_records, diff=True)[0]["diff"] == adapted.pass_records[0].diff
+    with_code = adapted.pass_trace(diffs=True)
+    assert trace_json(with_code, diff=True)[0]["diff"] == with_code[0].diff
+
+
+def test_a_compile_keeps_no_code_and_inspect_replays_for_diffs():
+    """Without debug no pass's code is generated (the graph is recompiled once); asking for
+    diffs replays the pipeline on a fresh trace and gives the diffs a debug compile prints."""
+    plain = peftc.compile(tiny_llama(layers=1), SPEC, token_inputs())
+    assert all(r.code_before is None and r.code_after is None for r in plain.pass_records)
+    debug = peftc.compile(tiny_llama(layers=1), SPEC, token_inputs(), debug=True)
+    replayed = plain.pass_trace(diffs=True)
+    assert [r.seconds for r in replayed] == [r.seconds for r in plain.pass_records]
+    assert [r.diff for r in replayed] == [r.diff for r in debug.pass_records]
+    assert replayed[0].diff and plain.pass_trace(diffs=True) is replayed  # replayed once
 
 
 def test_insertion_diff_adds_the_adapter_ops(adapted):
-    diff = adapted.pass_records[0].diff
+    diff = adapted.pass_trace(diffs=True)[0].diff
     added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+")]
     removed = [line for line in diff.splitlines() if line.startswith("-")]
     for a in adapted.plan:
@@ -72,6 +85,6 @@ def test_text_trace_with_and_without_diffs(adapted):
     n = len(adapted.sites) - 2
     assert f"rule insert_adapter: 2 matches; declined {n}: not targeted by the spec ({n})" in plain
     assert "--- before insert_adapters" not in plain
-    full = format_trace(adapted.pass_records, diff=True)
+    full = format_trace(adapted.pass_trace(diffs=True), diff=True)
     assert "--- before insert_adapters" in full and "+++ after insert_adapters" in full
     assert full.index("insert_adapters") < full.index("cleanup")

@@ -180,10 +180,42 @@ def test_a_pass_that_breaks_what_it_ensures_is_named_and_cleanup_holds_it():
     assert not any(n.target == aten.neg.default for n in p.graph.nodes)
 
 
-def test_diffs_are_computed_only_when_read():
+def test_code_is_kept_only_when_asked_and_diffed_only_when_read():
     p = scaled_lora(0.5)
-    manager = PassManager([fold_scale()])
+    manager = PassManager([fold_scale()], keep_code=True)
     manager.run(p)
     record = manager.records[0]
     assert "diff" not in record.__dict__  # nothing was diffed while the pass ran
     assert "-    mul" in record.diff and "alpha = 0.5" in record.diff
+    plain = PassManager([fold_scale()])
+    plain.run(scaled_lora(0.5))
+    assert plain.records[0].code_before is None
+    with pytest.raises(ValueError, match="kept no code.*keep_code=True"):
+        _ = plain.records[0].diff
+
+
+def dead_neg(p: Program) -> None:
+    """A node nobody reads, for Cleanup to remove."""
+    x = p.placeholder("x")
+    with p.graph.inserting_after(x):
+        p.graph.call_function(aten.neg.default, (x,))
+
+
+def test_the_graph_module_is_recompiled_once_after_the_last_pass(monkeypatch):
+    """Passes only mark the code stale; the manager regenerates it once, and the module then
+    runs the rewritten graph (not the code of the trace it started from)."""
+    p = siblings()
+    dead_neg(p)
+    calls = []
+    recompile = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(
+        torch.fx.GraphModule, "recompile", lambda gm: calls.append(gm) or recompile(gm)
+    )
+    manager = PassManager([FuseSiblings(), Cleanup()])
+    manager.run(p)
+    assert [r.modified for r in manager.records] == [True, True]
+    assert calls == [p.graph_module]
+    assert "aten.cat" in p.graph_module.code and "aten.neg" not in p.graph_module.code
+    dead_neg(p)
+    Cleanup()(p)  # outside a manager a pass recompiles at once, as before
+    assert len(calls) == 2 and "aten.neg" not in p.graph_module.code

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_parameters": adapted.plan.trainable_parameters(),
             "strategy": adapted.plan.strategy,
             "sites": rows_json(rows),
-            "passes": trace_json(adapted.pass_records, diff=args.diff),
+            "passes": trace_json(adapted.pass_trace(diffs=args.diff), diff=args.diff),
         }
         print(json.dumps(data, indent=2))
         return rc
@@ -144,5 +144,5 @@ def run(args: argparse.Namespace) -> int:
     print(summary_line(adapted))
     print()
     print("passes:")
-    print(format_trace(adapted.pass_records, diff=args.diff))
+    print(format_trace(adapted.pass_trace(diffs=args.diff), diff=args.diff))
     return rc

@@ -264,7 +264,7 @@ def html_report(
         _plan(adapted),
         "</section>",
         '<section id="pass-trace"><h2>Pass trace</h2>',
-        _passes(adapted.pass_records),
+        _passes(adapted.pass_trace(diffs=True)),
         "</section>",
         '<section id="pictures"><h2>Graph around sites</h2>',
         _pictures(adapted, paths, radius) if paths else "<p>No site to draw.</p>",
