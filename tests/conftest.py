@@ -3,6 +3,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Idle OpenMP threads sleep instead of spinning. On the shared 2-core machine, with other
+# processes on the cores, a spinning thread waits on a peer the scheduler has taken off its
+# core: a compiled (Inductor C++) training step of tiny Llama took 1.2 s instead of 10 ms, and
+# eager tests ran up to twice as long. Read once, when libgomp loads: so before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -15,6 +20,56 @@ from passes.adapters import registry  # noqa: E402
 from passes.adapters.base import ParamSpec  # noqa: E402
 from passes.adapters.contract import Method  # noqa: E402
 from passes.adapters.cost import Cost  # noqa: E402
+from tests.method_cases import SharedModels  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def traced():
+    """`traced("llama" | "gpt2")`: tiny Llama's (2 layers) or GPT-2's eval-mode trace at
+    token_inputs(), traced once per test run. Read-only: (model, program, sites, state)."""
+    from types import SimpleNamespace
+
+    from rewrite.sites import find_sites
+    from rewrite.trace import trace
+    from tests.models import tiny_gpt2, tiny_llama, token_inputs
+
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]()
+            program = trace(model, token_inputs(), training=False)
+            state = dict(model.named_parameters(remove_duplicate=False))
+            state.update(model.named_buffers())
+            built[arch] = SimpleNamespace(
+                model=model, program=program, sites=find_sites(program), state=state
+            )
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shared_models() -> SharedModels:
+    """Each method's case compiled once per test run (see tests/method_cases.py)."""
+    return SharedModels()
+
+
+@pytest.fixture
+def method_model(shared_models):
+    """`method_model(name)`: the shared compiled model of a method's case, in its trained
+    state; whatever the test changes (adapter values, gradients, mode) is undone after it."""
+    handed = []
+
+    def get(name: str):
+        model = shared_models.get(name)
+        model.restore()
+        handed.append(model)
+        return model
+
+    yield get
+    for model in handed:
+        model.restore()
 
 
 @pytest.fixture

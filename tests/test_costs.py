@@ -3,8 +3,6 @@ formulas print and evaluate; the base-model sizes that budgets are percentages o
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import sympy
 
@@ -21,10 +19,9 @@ from passes.adapters.cost import D_IN, D_OUT, R, T
 from passes.adapters.insert import AdapterStore, create_adapter_tensors
 from passes.adapters.registry import methods
 from rewrite.capture import capture_site_inputs
-from rewrite.sites import find_sites
 from rewrite.spec import Assignment
-from rewrite.trace import trace
-from tests.models import tiny_gpt2, tiny_llama, token_inputs
+from tests.method_cases import case, names
+from tests.models import token_inputs
 
 PATHS = {
     "llama": [
@@ -37,14 +34,11 @@ PATHS = {
 
 
 @pytest.fixture(scope="module")
-def traced():
+def traced_sites(traced):
     out = {}
-    for name, build in (("llama", tiny_llama), ("gpt2", tiny_gpt2)):
-        model = build()
-        program = trace(model, token_inputs(), training=False)
-        sites = find_sites(program)
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(model.named_buffers())
+    for name in ("llama", "gpt2"):
+        t = traced(name)
+        model, program, sites, state = t.model, t.program, t.sites, t.state
         calib: dict[str, list] = {p: [] for p in PATHS[name]}
         batches = [token_inputs(batch=4, seq=16, seed=s) for s in range(2)]
         capture_site_inputs(
@@ -59,22 +53,11 @@ def traced():
     return out
 
 
-# hyperparameters that fit the tiny test layers (c3a's blocks must divide 32..256) and keep
-# EVA's convergence loop short; neither changes a parameter count
-SMALL = {"c3a": {"block_size": 32}, "eva": {"tau": 0.9}}
-
-
-def _instance(name: str):
-    cls = methods()[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**({"rank": 4} if "rank" in fields else {}), **SMALL.get(name, {}))
-
-
-@pytest.mark.parametrize("name", sorted(methods()))
-def test_param_formula_counts_the_built_adapter(traced, name):
-    method = _instance(name)
+@pytest.mark.parametrize("name", names())
+def test_param_formula_counts_the_built_adapter(traced_sites, name):
+    method = case(name).instance()  # sizes that fit the tiny test layers
     checked = 0
-    for model_name, (_, _, sites, state, calib) in traced.items():
+    for model_name, (_, _, sites, state, calib) in traced_sites.items():
         chosen = [sites[p] for p in PATHS[model_name] if method.check(sites[p]) is None]
         if not chosen:
             continue
@@ -94,8 +77,8 @@ def test_param_formula_counts_the_built_adapter(traced, name):
     assert checked > 0, f"{name} accepted none of the test sites"
 
 
-def test_lora_formulas_print_and_evaluate(traced):
-    _, _, sites, _, _ = traced["llama"]
+def test_lora_formulas_print_and_evaluate(traced_sites):
+    _, _, sites, _, _ = traced_sites["llama"]
     site = sites["model.layers.0.mlp.down_proj"]
     lora = methods()["lora"](rank=8)
     cost = method_cost(lora, site)
@@ -113,10 +96,10 @@ def test_lora_formulas_print_and_evaluate(traced):
     )
 
 
-def test_base_sizes(traced):
-    model, program, sites, state, _ = traced["gpt2"]
+def test_base_sizes(traced_sites):
+    model, program, sites, state, _ = traced_sites["gpt2"]
     # GPT-2 ties lm_head to the token embedding: the shared storage counts once
     assert base_parameters(program, state) == sum(p.numel() for p in model.parameters())
-    _, _, llama_sites, _, _ = traced["llama"]
+    _, _, llama_sites, _, _ = traced_sites["llama"]
     expected = sum(2 * s.in_features * s.out_features for s in llama_sites if s.op != "embedding")
     assert base_flops_per_token(llama_sites) == expected > 0

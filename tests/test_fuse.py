@@ -22,13 +22,9 @@ CASES = {
 }
 
 
-def _pair(make, targets, dropout=0.0):
+def _pair(make, targets):
     base = make()
-    spec = {
-        "adapters": [
-            {"method": "lora", "targets": targets, "rank": 4, "alpha": 8, "dropout": dropout}
-        ]
-    }
+    spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4, "alpha": 8}]}
     fused = peftc.compile(base, spec, token_inputs()).train()
     plain = peftc.compile(base, spec, token_inputs(), fuse=False).train()
     perturb(fused.trainable_parameters())
@@ -38,10 +34,36 @@ def _pair(make, targets, dropout=0.0):
     return base, fused, plain
 
 
+@pytest.fixture(scope="module")
+def pairs():
+    """Per architecture, a fused and an unfused model with the same values, built once."""
+    return {}
+
+
+@pytest.fixture
+def pair(pairs):
+    """`pair(name)`: that architecture's (base, fused, plain), in training mode and without
+    gradients after the test."""
+    handed = []
+
+    def get(name):
+        if name not in pairs:
+            make, targets, _ = CASES[name]
+            pairs[name] = _pair(make, targets)
+        handed.append(pairs[name])
+        return pairs[name]
+
+    yield get
+    for _, fused, plain in handed:
+        for model in (fused, plain):
+            model.zero_grad(set_to_none=True)
+            model.train()
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_equals_unfused_forward_and_gradients(name):
-    make, targets, groups = CASES[name]
-    base, fused, plain = _pair(make, targets)
+def test_fused_equals_unfused_forward_and_gradients(pair, name):
+    _, _, groups = CASES[name]
+    base, fused, plain = pair(name)
     fuse_record = next(r for r in fused.pass_records if r.name == "fuse_siblings")
     assert fuse_record.rules["fuse_shared_input_matmuls"].matches == groups
     x = token_inputs(3, 10, seed=4)
@@ -79,8 +101,15 @@ def test_pipeline_names_and_debug_diff_show_the_fusion(capsys):
     assert torch.ops.aten.mul.Tensor not in ops
 
 
-def test_live_dropout_keeps_masks_separate():
-    base, fused, plain = _pair(tiny_llama, ALL_LLAMA, dropout=0.1)
+def test_live_dropout_keeps_masks_separate(pair):
+    rule = {"method": "lora", "targets": ALL_LLAMA, "rank": 4, "alpha": 8, "dropout": 0.1}
+    spec = {"adapters": [rule]}
+    fused = peftc.compile(tiny_llama(), spec, token_inputs()).train()
+    _, _, plain = pair("llama")  # unfused, no dropout: in eval mode, the same function
+    with torch.no_grad():
+        theirs = plain.named_adapter_parameters()
+        for n, p in fused.named_adapter_parameters().items():
+            p.copy_(theirs[n])
     train_graph = fused.program(True).graph
     assert not any(n.meta.get("peftc", {}).get("role") == "fused" for n in train_graph.nodes)
     dropouts = [
@@ -98,8 +127,8 @@ def test_live_dropout_keeps_masks_separate():
     torch.testing.assert_close(fused(**x).logits, plain(**x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_fusion_keeps_checkpoint_keys(tmp_path):
-    _, fused, plain = _pair(tiny_llama, ALL_LLAMA)
+def test_fusion_keeps_checkpoint_keys(pair, tmp_path):
+    _, fused, plain = pair("llama")
     fused.save_adapter(tmp_path / "fused")
     plain.save_adapter(tmp_path / "plain")
     a = load_file(str(tmp_path / "fused" / "adapter_model.safetensors"))
@@ -109,8 +138,8 @@ def test_fusion_keeps_checkpoint_keys(tmp_path):
         assert torch.equal(a[k], b[k])
 
 
-def test_merge_after_fusion_equals_unmerged():
-    _, fused, _ = _pair(tiny_llama, ALL_LLAMA)
+def test_merge_after_fusion_equals_unmerged(pair):
+    _, fused, _ = pair("llama")
     fused.eval()
     merged = fused.merge()
     x = token_inputs(2, 12, seed=8)

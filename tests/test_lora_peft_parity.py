@@ -7,7 +7,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftc
-from tests.models import convnet, image_inputs, minilm, perturb, tiny_gpt2, tiny_llama, token_inputs
+from tests.models import (
+    convnet,
+    image_inputs,
+    minilm_2_layers,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    token_inputs,
+)
 
 TOL = 1e-5  # fp32
 
@@ -18,7 +26,11 @@ CASES = {
         ["q_proj", "v_proj", "down_proj", "embed_tokens"],
     ),
     "gpt2": (tiny_gpt2, lambda: token_inputs(2, 16), ["c_attn", "c_proj", "c_fc"]),
-    "minilm": (minilm, lambda: token_inputs(2, 12, vocab=30522), ["query", "value", "dense"]),
+    "minilm": (
+        minilm_2_layers,
+        lambda: token_inputs(2, 12, vocab=30522),
+        ["query", "value", "dense"],
+    ),
     "convnet": (convnet, lambda: image_inputs(2), ["conv1", "conv2", "conv3", "head"]),
 }
 
@@ -36,15 +48,21 @@ def _fresh_inputs(name, batch=3):
     return token_inputs(batch, 20, vocab=vocab, seed=5)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_peft_checkpoint_loads_into_peftc(name, tmp_path):
+@pytest.fixture(scope="module", params=list(CASES))
+def loaded(request, tmp_path_factory):
+    """PEFT's LoRA model (random A and B) saved, and peftc.from_peft's load of it."""
+    name = request.param
     make, inputs, targets = CASES[name]
     base = make()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
-    peft_model.save_pretrained(tmp_path)
+    directory = tmp_path_factory.mktemp(f"lora_{name}")
+    peft_model.save_pretrained(directory)
+    return name, base, peft_model, peftc.from_peft(base, directory, inputs()).eval()
 
-    adapted = peftc.from_peft(base, tmp_path, inputs()).eval()
+
+def test_peft_checkpoint_loads_into_peftc(loaded):
+    name, base, peft_model, adapted = loaded
     # traced at batch 2; batch 1 is outside what torch.export recorded (>= 2), so check it too
     for batch in (3, 1):
         x = _fresh_inputs(name, batch)
@@ -53,20 +71,22 @@ def test_peft_checkpoint_loads_into_peftc(name, tmp_path):
         torch.testing.assert_close(_out(adapted, x), expected, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_peftc_checkpoint_loads_into_peft(name, tmp_path):
-    make, inputs, targets = CASES[name]
-    base = make()
-    spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4, "alpha": 8}]}
-    adapted = peftc.compile(base, spec, inputs())
-    perturb(adapted.trainable_parameters())
-    adapted.eval().save_adapter(tmp_path)
-
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    x = _fresh_inputs(name)
-    ours = _out(adapted, x)
-    assert (ours - _out(base, x)).abs().max() > 1e-3
-    torch.testing.assert_close(_out(peft_model, x), ours, atol=TOL, rtol=TOL)
+def test_peftc_checkpoint_loads_into_peft(loaded, tmp_path):
+    name, base, peft_model, adapted = loaded
+    before = [p.detach().clone() for p in adapted.trainable_parameters()]
+    try:
+        perturb(adapted.trainable_parameters())  # values of peftc's own, then its save
+        adapted.save_adapter(tmp_path)
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        x = _fresh_inputs(name)
+        ours = _out(adapted, x)
+        assert (ours - _out(base, x)).abs().max() > 1e-3
+        assert (ours - _out(peft_model, x)).abs().max() > 1e-3  # not the loaded values
+        torch.testing.assert_close(_out(theirs, x), ours, atol=TOL, rtol=TOL)
+    finally:
+        with torch.no_grad():
+            for p, v in zip(adapted.trainable_parameters(), before, strict=True):
+                p.copy_(v)
 
 
 def test_rank_and_alpha_patterns_round_trip(tmp_path):

@@ -9,16 +9,13 @@ from passes.cleanup import Cleanup
 from passes.merge import MergeError, fold_weights, merged_weights, op_multiset
 from rewrite.sites import find_sites
 from rewrite.trace import trace
+from tests.method_cases import example_inputs
 from tests.models import convnet, image_inputs, perturb, tiny_gpt2, tiny_llama, token_inputs
 
 TOL = 1e-5  # fp32
 
 CASES = {
-    "llama": (
-        tiny_llama,
-        lambda: token_inputs(2, 16),
-        ["q_proj", "v_proj", "down_proj", "embed_tokens"],
-    ),
+    "llama": None,  # the shared lora model (tests/method_cases.py): q, v, down and embed_tokens
     # wte is tied to lm_head: merging it must give lm_head a weight of its own
     "gpt2": (tiny_gpt2, lambda: token_inputs(2, 16), ["c_attn", "c_fc", "wte"]),
     "convnet": (convnet, lambda: image_inputs(2), ["conv1", "conv2", "conv3", "head"]),
@@ -45,13 +42,18 @@ def _call(gm, model, inputs):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def merged_case(request):
-    make, inputs, targets = CASES[request.param]
-    base = make()
-    spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4, "alpha": 8}]}
-    adapted = peftc.compile(base, spec, inputs())
-    perturb(adapted.trainable_parameters())
-    adapted.eval()
+def merged_case(request, shared_models):
+    if CASES[request.param] is None:
+        shared = shared_models.get("lora")
+        shared.restore()
+        base, inputs, adapted = shared.base, example_inputs, shared.adapted
+    else:
+        make, inputs, targets = CASES[request.param]
+        base = make()
+        spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4, "alpha": 8}]}
+        adapted = peftc.compile(base, spec, inputs())
+        perturb(adapted.trainable_parameters())
+        adapted.eval()
     return request.param, base, inputs, adapted, adapted.merge()
 
 
@@ -62,6 +64,8 @@ def test_merged_graph_has_the_base_op_multiset(merged_case):
     assert op_multiset(merged) == base_ops
 
 
+# (tiny Llama: test_methods.py's test_merge, with every other method)
+@pytest.mark.parametrize("merged_case", ["gpt2", "convnet"], indirect=True)
 def test_merged_equals_unmerged(merged_case):
     name, base, inputs, adapted, merged = merged_case
     x = image_inputs(3, seed=5) if name == "convnet" else token_inputs(3, 20, seed=5)
@@ -107,9 +111,8 @@ def test_unmergeable_method_names_method_and_site(unmergeable_method):
     assert "gated by the input" in message and "unmerged" in message
 
 
-def test_safe_merge_refuses_nan_weights():
-    spec = {"adapters": [{"method": "lora", "targets": ["q_proj"], "rank": 2}]}
-    adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs(2, 16)).eval()
+def test_safe_merge_refuses_nan_weights(method_model):
+    adapted = method_model("lora").adapted
     with torch.no_grad():
         params = adapted.named_adapter_parameters()
         params["adapters.model.layers.0.self_attn.q_proj.lora_B"].fill_(float("nan"))
@@ -117,14 +120,14 @@ def test_safe_merge_refuses_nan_weights():
         adapted.merge()
 
 
-def test_merge_in_fp32_then_cast_once():
+def test_merge_in_fp32_then_cast_once(method_model):
     """fp16 merged weights are the fp32 merge rounded once, not a merge of rounded parts."""
-    spec = {"adapters": [{"method": "lora", "targets": ["q_proj"], "rank": 4}]}
-    adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs(2, 16)).eval()
+    adapted = method_model("lora").adapted
     perturb(adapted.trainable_parameters(), std=0.3)
     state = adapted.state()
     fp32 = merged_weights(adapted.plan.assignments, state)
     fp16 = merged_weights(adapted.plan.assignments, state, dtype=torch.float16)
-    (path,) = fp16
-    assert fp16[path].dtype == torch.float16
-    assert torch.equal(fp16[path], fp32[path].half())
+    assert fp16.keys() == fp32.keys() == {a.path for a in adapted.plan}
+    for path, weight in fp16.items():
+        assert weight.dtype == torch.float16
+        assert torch.equal(weight, fp32[path].half())

@@ -13,28 +13,22 @@ from passes.adapters.registry import methods
 from rewrite.spec import SpecError, load_spec, resolve
 from tests.method_checks import (
     assert_costs_match,
-    assert_gradients_reach_declared,
-    assert_identity_at_init,
     assert_merge_matches,
     assert_peft_parity,
     assert_peftc_to_peft,
-    compiled_case,
     from_peft_case,
+    shared_case,
 )
 
 STD = 1.0  # ΔW = C(w)/d_in: kernels of order 1 give a visible update
-LLAMA = ["q_proj", "v_proj", "down_proj"]
 MINILM = ["query", "value", "intermediate.dense"]
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """Compiled with init_weights=zeros (PEFT's True), the init that is the identity."""
-    spec = {
-        "adapters": [{"method": "c3a", "targets": LLAMA, "block_size": 16, "init_weights": "zeros"}]
-    }
-    config = C3AConfig(block_size=16, target_modules=LLAMA, init_weights=True)
-    return compiled_case("llama", spec, config, tmp_path_factory.mktemp("peft"), STD)
+@pytest.fixture
+def llama(method_model):
+    """The shared c3a model (tests/method_cases.py): block size 16, init_weights=zeros (PEFT's
+    True), the init that is the identity."""
+    return shared_case(method_model("c3a"))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +46,8 @@ def case(request):
     return request.getfixturevalue(request.param)
 
 
-def test_peft_checkpoint_loads_into_peftc(case):
-    assert_peft_parity(case)
+def test_peft_checkpoint_loads_into_peftc(bert):
+    assert_peft_parity(bert)
 
 
 def test_block_size_pattern_becomes_overrides(bert):
@@ -64,13 +58,9 @@ def test_block_size_pattern_becomes_overrides(bert):
     assert {a.method.init_weights for a in bert.adapted.plan} == {"xavier_uniform"}
 
 
-def test_peftc_checkpoint_loads_into_peft(case, tmp_path):
-    config = assert_peftc_to_peft(case, tmp_path, STD)
+def test_peftc_checkpoint_loads_into_peft(bert, tmp_path):
+    config = assert_peftc_to_peft(bert, tmp_path, STD)
     assert config["peft_type"] == "C3A"
-
-
-def test_identity_at_init(llama):
-    assert_identity_at_init(llama)
 
 
 def test_default_init_is_peft_xavier_uniform_not_identity(llama):
@@ -91,7 +81,7 @@ def test_default_init_is_peft_xavier_uniform_not_identity(llama):
         assert 0.9 * bound < k.abs().max() <= bound
 
 
-def test_circulant_matches_the_fft_forward(llama):
+def test_circulant_matches_the_fft_forward():
     """The dense matrix of the kernels applied to x equals the FFT convolution the forward uses."""
     w = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
@@ -108,12 +98,8 @@ def test_circulant_matches_the_fft_forward(llama):
     torch.testing.assert_close(x @ circulant(w).T, direct.flatten(1), atol=1e-5, rtol=1e-5)
 
 
-def test_merge_matches_peft(case):
-    assert_merge_matches(case)
-
-
-def test_gradients_reach_exactly_the_kernels(llama):
-    assert_gradients_reach_declared(llama)
+def test_merge_matches_peft(bert):
+    assert_merge_matches(bert)
 
 
 def test_costs_match_peft(case):

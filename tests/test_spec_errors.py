@@ -79,14 +79,17 @@ def test_spec_file_that_does_not_exist(tmp_path):
         load_spec(str(tmp_path / "nope.yaml"), methods())
 
 
-def test_unknown_input_name_is_refused(llama):
-    adapted = peftc.compile(llama, lora(rank=2), token_inputs())
+@pytest.fixture(scope="module")
+def adapted(llama):
+    return peftc.compile(llama, lora(rank=2), token_inputs())
+
+
+def test_unknown_input_name_is_refused(adapted):
     with pytest.raises(TypeError, match=r"compiled for inputs \['input_ids', 'attention_mask'\]"):
         adapted(input_ids=token_inputs()["input_ids"])
 
 
-def test_wrong_rank_input_is_refused(llama):
-    adapted = peftc.compile(llama, lora(rank=2), token_inputs())
+def test_wrong_rank_input_is_refused(adapted):
     bad = {
         "input_ids": torch.zeros(2, 3, 4, dtype=torch.long),
         "attention_mask": torch.ones(2, 3, dtype=torch.long),

@@ -1,18 +1,32 @@
 """Tracing: dynamic shapes, HF output structure, train/eval graphs, plain modules."""
 
+import pytest
 import torch
 
 import peftc
-from tests.models import tiny_llama, token_inputs
+from tests.models import restored, tiny_llama, token_inputs
 
 SPEC = {
     "adapters": [{"method": "lora", "targets": ["*.q_proj", "*.v_proj"], "rank": 4, "dropout": 0.1}]
 }
 
 
-def test_traced_at_2x16_runs_at_3x40_and_batch_1_and_keeps_hf_output():
+@pytest.fixture(scope="module")
+def compiled():
+    """tiny Llama and its adapted model at init (traced at 2x16), compiled once for this file."""
     base = tiny_llama()
-    adapted = peftc.compile(base, SPEC, token_inputs(2, 16)).eval()
+    return base, peftc.compile(base, SPEC, token_inputs(2, 16))
+
+
+@pytest.fixture
+def adapted(compiled):
+    """The module's adapted model in eval mode; what a test changes on it is put back."""
+    with restored(compiled[1].eval()) as model:
+        yield model
+
+
+def test_traced_at_2x16_runs_at_3x40_and_batch_1_and_keeps_hf_output(compiled, adapted):
+    base, _ = compiled
     for batch, seq in [(3, 40), (1, 7)]:
         x = token_inputs(batch, seq, seed=3)
         out = adapted(**x)
@@ -21,16 +35,14 @@ def test_traced_at_2x16_runs_at_3x40_and_batch_1_and_keeps_hf_output():
             torch.testing.assert_close(out.logits, base(**x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_positional_and_keyword_calls_agree():
-    adapted = peftc.compile(tiny_llama(), SPEC, token_inputs()).eval()
+def test_positional_and_keyword_calls_agree(adapted):
     x = token_inputs(2, 9, seed=4)
     a = adapted(x["input_ids"], x["attention_mask"]).logits
     b = adapted(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
     assert torch.equal(a, b)
 
 
-def test_train_and_eval_graphs_differ_only_in_dropout():
-    adapted = peftc.compile(tiny_llama(), SPEC, token_inputs())
+def test_train_and_eval_graphs_differ_only_in_dropout(adapted):
 
     def live_dropouts(training):
         graph = adapted.program(training).graph

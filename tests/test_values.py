@@ -1,6 +1,7 @@
 """Node values for inspect: one fake-tensor run gives every node (spliced adapter nodes, fused
 nodes) a value in the trace's own size symbols, and a failed run changes nothing."""
 
+import pytest
 import torch
 
 import peftc
@@ -34,9 +35,15 @@ def check_program(program) -> None:
         assert symbols(node.meta.get("val")) <= allowed, node.format_node()
 
 
-def test_spliced_and_fused_nodes_use_the_traces_symbols():
+@pytest.fixture(scope="module")
+def llama():
+    """LoRA on six module types of tiny Llama (fused siblings), training graph."""
     spec = {"adapters": [{"method": "lora", "targets": TARGETS, "rank": 4}]}
-    adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs()).train()
+    return peftc.compile(tiny_llama(layers=1), spec, token_inputs()).train()
+
+
+def test_spliced_and_fused_nodes_use_the_traces_symbols(llama):
+    adapted = llama
     program = adapted.program(values=True)
     check_program(program)
     fused = [n for n, d in program_graph(program).nodes(data=True) if d["role"] == FUSED]
@@ -49,9 +56,8 @@ def test_flattened_rows_and_another_method():
     check_program(adapted.program(values=True))
 
 
-def test_a_failed_run_changes_no_node():
-    spec = {"adapters": [{"method": "lora", "targets": ["*.q_proj"], "rank": 4}]}
-    adapted = peftc.compile(tiny_llama(layers=1), spec, token_inputs())
+def test_a_failed_run_changes_no_node(llama):
+    adapted = llama
     program = adapted.program(values=True)
     before = {n: n.meta.get("val") for n in program.graph.nodes}
     state = adapted.state()
