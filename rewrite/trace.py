@@ -158,6 +158,18 @@ def trace(model: torch.nn.Module, example_inputs: Any, training: bool = True) ->
             tuple(None if i in dims else s for i, s in enumerate(t.shape)),
             t.dtype,
         )
+    return export_program(model, inputs, dynamic_shapes, input_meta, training)
+
+
+def export_program(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    dynamic_shapes: dict[str, dict[int, Any]],
+    input_meta: dict[str, tuple[tuple[int | None, ...], torch.dtype]],
+    training: bool,
+) -> Program:
+    """The torch.export call itself, on checked and bound inputs. (The test suite wraps this
+    one function to share a trace between tests that build the same model.)"""
     try:
         with _tracing_mode(model, training):
             ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)

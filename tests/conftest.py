@@ -20,7 +20,19 @@ from passes.adapters import registry  # noqa: E402
 from passes.adapters.base import ParamSpec  # noqa: E402
 from passes.adapters.contract import Method  # noqa: E402
 from passes.adapters.cost import Cost  # noqa: E402
+from tests import shared_traces  # noqa: E402
 from tests.method_cases import SharedModels  # noqa: E402
+
+shared_traces.install()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace(request):
+    """Tests marked `fresh_trace` export every model they trace (see tests/shared_traces.py)."""
+    fresh = request.node.get_closest_marker("fresh_trace") is not None
+    shared_traces.SHARED.enabled = not fresh
+    yield
+    shared_traces.SHARED.enabled = True
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import torch
 import peftc
 from tests.models import restored, tiny_llama, token_inputs
 
+pytestmark = pytest.mark.fresh_trace  # what tracing itself does: every trace is a real export
+
 SPEC = {
     "adapters": [{"method": "lora", "targets": ["*.q_proj", "*.v_proj"], "rank": 4, "dropout": 0.1}]
 }
