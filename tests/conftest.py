@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # core: a compiled (Inductor C++) training step of tiny Llama took 1.2 s instead of 10 ms, and
 # eager tests ran up to twice as long. Read once, when libgomp loads: so before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`-n 2`, the README's command) each worker gets one core of its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
