@@ -40,14 +40,8 @@ from cost_model.solver import Option, solve
 from passes.adapters.base import bind_plan
 from rewrite.capture import capture_site_inputs
 from rewrite.program import Program
-from rewrite.sites import Site, SiteIndex, find_sites, type_matches
+from rewrite.sites import Site, SiteIndex, find_sites, is_output_head, type_matches
 from rewrite.spec import AdaptationSpec, Assignment, SpecError, path_matches, resolve
-
-HEAD_NAMES = ("lm_head",)
-
-
-def is_output_head(site: Site) -> bool:
-    return site.path.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
 def _names_head(spec: AdaptationSpec, site: Site) -> bool:

@@ -37,7 +37,7 @@ from rewrite.capture import capture_site_inputs
 from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
-from rewrite.sites import SiteIndex, find_sites
+from rewrite.sites import SiteIndex, find_sites, mark_output_head
 from rewrite.spec import AdaptationSpec, load_spec
 from rewrite.trace import bind_inputs, check_inputs, trace
 from rewrite.unlift import unlift
@@ -132,7 +132,8 @@ class Pipeline:
         """The sites of a mode's trace (node names differ between the modes' traces)."""
         if training not in self._sites:
             built = self._programs.get(training)
-            self._sites[training] = find_sites(self.traced(training) if built is None else built)
+            found = find_sites(self.traced(training) if built is None else built)
+            self._sites[training] = mark_output_head(found, self.model)
         return self._sites[training]
 
     @property

@@ -24,7 +24,7 @@ from passes.adapters.peft_record import get_nested, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
 from rewrite.names import param_target
-from rewrite.sites import SiteIndex
+from rewrite.sites import SiteIndex, is_linear_layer
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -266,7 +266,7 @@ def peft_targets(config: dict, sites: SiteIndex) -> list[str]:
     chosen = []
     for site in sites:
         if targets == "all-linear":
-            ok = site.op in ("linear", "addmm") and not site.path.endswith("lm_head")
+            ok = is_linear_layer(site)
         else:
             ok = hit(site.path, targets)
         if ok and not hit(site.path, exclude) and (layers is None or site.layer in layers):

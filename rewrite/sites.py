@@ -7,6 +7,7 @@ Sites are keyed by module path; a module called twice is one site with two nodes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -73,6 +74,22 @@ class Site:
     group: tuple[str, ...] = ()  # paths of the sites sharing this site's input (itself included)
     conv: ConvGeometry | None = None
     padding_idx: int | None = None
+    output_head: bool = False  # the model's output embeddings (see mark_output_head)
+
+
+LINEAR_OPS = ("linear", "addmm")  # what `targets: all-linear` selects (addmm: GPT-2's Conv1D)
+
+
+def is_output_head(site: Site) -> bool:
+    """The model's output head: its output embeddings as the pipeline marks them from
+    `get_output_embeddings()`, or, on sites found without the model, a module named lm_head."""
+    return site.output_head or site.path.rsplit(".", 1)[-1] == "lm_head"
+
+
+def is_linear_layer(site: Site) -> bool:
+    """Selected by `targets: all-linear`, PEFT's convention: every linear-like site but the
+    output head."""
+    return site.op in LINEAR_OPS and not is_output_head(site)
 
 
 @dataclass
@@ -215,3 +232,24 @@ def _with_groups(sites: dict[str, Site], inputs: dict[str, torch.fx.Node]) -> di
             s = sites[path]
             grouped[path] = Site(**{**s.__dict__, "group": members})
     return {p: grouped[p] for p in sites}
+
+
+def output_head_path(model: torch.nn.Module) -> str | None:
+    """The module path of a model's output embeddings (transformers' `get_output_embeddings()`,
+    e.g. `lm_head`), or None for a model without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):  # models that declare the method but no head
+        return None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    return next((name for name, m in model.named_modules() if m is head), None)
+
+
+def mark_output_head(sites: SiteIndex, model: torch.nn.Module) -> SiteIndex:
+    """Mark the site of the model's output embeddings, in place; returns `sites`."""
+    path = output_head_path(model)
+    if path in sites.sites:
+        sites.sites[path] = dataclasses.replace(sites.sites[path], output_head=True)
+    return sites

@@ -2,7 +2,7 @@
 
     adapters:
       - method: lora
-        targets: ["*.q_proj", "*.v_proj"]   # globs over module paths
+        targets: ["*.q_proj", "*.v_proj"]   # globs over module paths, or "all-linear"
         types: [mlp.down_proj]             # module types, matched by suffix
         layers: "0-5"                      # layer indices: "0-5", "0,2,4", 3 or [0, 1]
         exclude: ["*.layers.0.*"]
@@ -11,7 +11,8 @@
     seed: 0
 
 Rules apply in order and the first rule that matches a site wins. A target without glob
-characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does.
+characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does;
+`all-linear` (alone or in the list) is every linear-like site but the output head, as in PEFT.
 Method names and hyperparameters are checked against the registry the caller passes in,
 so this module stays independent of the adapter library. The `placement:` section is typed
 the same way: the caller passes the parser (the cost model's `parse_placement`), so the
@@ -31,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from rewrite.sites import Site, SiteIndex, type_matches
+from rewrite.sites import Site, SiteIndex, is_linear_layer, type_matches
 
 TOP_KEYS = ("adapters", "placement", "seed")
 SELECTOR_KEYS = ("targets", "types", "layers", "exclude", "overrides")
+ALL_LINEAR = "all-linear"  # a `targets` entry: PEFT's convention
 
 
 class SpecError(ValueError):
@@ -63,7 +65,7 @@ class AdapterRule:
         return f"rule {self.index} ({self.method}: {', '.join(what) or 'no selector'})"
 
     def selects(self, site: Site) -> bool:
-        if self.targets and not any(path_matches(site.path, t) for t in self.targets):
+        if self.targets and not any(target_matches(site, t) for t in self.targets):
             return False
         if self.types and not any(type_matches(site.module_type, t) for t in self.types):
             return False
@@ -104,6 +106,14 @@ class Assignment:
     @property
     def rank(self) -> int | None:
         return getattr(self.method, "rank", None)
+
+
+def target_matches(site: Site, target: str) -> bool:
+    """A `targets` entry: `all-linear` (every linear-like site but the output head, as in
+    PEFT), else a glob or dotted suffix of the module path."""
+    if target == ALL_LINEAR:
+        return is_linear_layer(site)
+    return path_matches(site.path, target)
 
 
 def path_matches(path: str, pattern: str) -> bool:
@@ -305,7 +315,8 @@ def resolve(
             raise SpecError(
                 f"{rule.describe()} matches no module. Module types in this model: "
                 f"{', '.join(types)} (paths look like {example!r}); targets are globs over "
-                "module paths such as '*.q_proj', types are suffixes such as 'self_attn.q_proj'"
+                "module paths such as '*.q_proj' (or 'all-linear'), types are suffixes such "
+                "as 'self_attn.q_proj'"
             )
         for site in chosen:
             if site.path in taken:

@@ -90,10 +90,17 @@ def create_adapter_tensors(
 
 def anonymous_site(site: Site) -> Site:
     """`site` with the fields that say where it is (path, layer, module type and class, weight
-    name, sibling group) blanked: what an adapter forward is traced with. No forward needs
+    name, sibling group, output head) blanked: what an adapter forward is traced with. No forward needs
     them, and handing it only this makes `_snippet_key` complete by construction."""
     return dataclasses.replace(
-        site, path="", module_type="", layer=None, weight="", group=(), module_class=""
+        site,
+        path="",
+        module_type="",
+        layer=None,
+        weight="",
+        group=(),
+        module_class="",
+        output_head=False,
     )
 
 

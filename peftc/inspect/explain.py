@@ -19,7 +19,7 @@ from passes.merge import MergeError, merged_weights
 from peftc.inspect.graph import short_target, value_text
 from rewrite.names import logical_weight, param_target
 from rewrite.sites import SITE_OPS, find_sites, module_path, type_matches
-from rewrite.spec import path_matches
+from rewrite.spec import path_matches, target_matches
 from rewrite.tags import tag_of
 
 _SITE_TARGETS = {op.target for op in SITE_OPS.values()}
@@ -168,7 +168,7 @@ def _not_chosen(adapted, site) -> list[str]:
         excluded = [p for p in rule.exclude if path_matches(site.path, p)]
         if excluded:
             miss = f"excluded by {excluded[0]!r}"
-        elif rule.targets and not any(path_matches(site.path, t) for t in rule.targets):
+        elif rule.targets and not any(target_matches(site, t) for t in rule.targets):
             miss = "no target matches this path"
         elif rule.types and not any(type_matches(site.module_type, t) for t in rule.types):
             miss = f"type {site.module_type!r} is not among its types"
