@@ -1,5 +1,8 @@
 """Tracing: nn.Module + example inputs -> Program, through torch.export (non-strict, ATen training IR).
 
+Products of an activation with a transposed parameter (`x @ W.T`) are rewritten into
+`aten.linear` right after the export (`rewrite/canonical.py`), so they are sites.
+
 Inputs are normalised to keyword arguments by binding them to the model's forward signature,
 so a model traced with `(ids,)` can be called with `input_ids=ids` and the other way round.
 Batch and sequence dimensions are dynamic: dim 0 of every tensor, and dim 1 of integer
@@ -18,6 +21,7 @@ import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
+from rewrite.canonical import canonicalize_linears
 from rewrite.program import BUFFER, CONSTANT, PARAMETER, USER_INPUT, Program, Slot
 
 
@@ -158,7 +162,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, training: bool = True) ->
             tuple(None if i in dims else s for i, s in enumerate(t.shape)),
             t.dtype,
         )
-    return export_program(model, inputs, dynamic_shapes, input_meta, training)
+    program = export_program(model, inputs, dynamic_shapes, input_meta, training)
+    canonicalize_linears(program)  # x @ W.T and its kin become linear sites
+    return program
 
 
 def export_program(
