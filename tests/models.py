@@ -124,10 +124,11 @@ def restored(adapted):
         adapted.train(training)
 
 
-def tiny_bert(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def tiny_bert(seed: int = 0, layers: int = 2, masked_lm: bool = False) -> torch.nn.Module:
     """A BERT encoder with a pooler: one linear outside the repeated blocks, which a loss on
-    mean-pooled `last_hidden_state` never reads."""
-    from transformers import BertConfig, BertModel
+    mean-pooled `last_hidden_state` never reads. `masked_lm`: BertForMaskedLM instead, whose
+    output embeddings are `cls.predictions.decoder`."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -140,4 +141,4 @@ def tiny_bert(seed: int = 0, layers: int = 2) -> torch.nn.Module:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertModel(config).eval()
+    return (BertForMaskedLM if masked_lm else BertModel)(config).eval()

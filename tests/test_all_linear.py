@@ -10,24 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 import peftc
 from rewrite.spec import SpecError
-from tests.models import tiny_gpt2, tiny_llama, token_inputs
-
-
-def tiny_bert_mlm():
-    """BERT with a masked-LM head: its output embeddings are `cls.predictions.decoder`."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=48,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return BertForMaskedLM(config).eval()
+from tests.models import tiny_bert, tiny_gpt2, tiny_llama, token_inputs
 
 
 def peft_paths(model) -> list[str]:
@@ -41,7 +24,11 @@ def peft_paths(model) -> list[str]:
 
 @pytest.mark.parametrize(
     ("build", "head"),
-    [(tiny_llama, "lm_head"), (tiny_gpt2, "lm_head"), (tiny_bert_mlm, "cls.predictions.decoder")],
+    [
+        (tiny_llama, "lm_head"),
+        (tiny_gpt2, "lm_head"),
+        (lambda: tiny_bert(layers=1, masked_lm=True), "cls.predictions.decoder"),
+    ],
 )
 def test_all_linear_adapts_what_peft_adapts(build, head):
     model = build()
