@@ -104,6 +104,11 @@ class MergeAdapters:
                 args[w_index] = program.add_parameter(target)
                 base.args = tuple(args)
             self.state[target] = self.merged[site.path]
+            if site.conv is not None and site.conv.groups > 1:
+                if self.merged[site.path].shape[1] == site.in_features:
+                    # the merged weight is dense (LoRA's update reaches every input channel):
+                    # the conv runs ungrouped from here on
+                    base.args = _ungrouped(base.args, len(site.conv.kernel))
             out.replace_all_uses_with(base)
             modified = True
         graph.eliminate_dead_code()
@@ -115,6 +120,15 @@ class MergeAdapters:
                     program.slots.remove(slot)
         program.recompile()
         return PassResult(program.graph_module, modified)
+
+
+def _ungrouped(args: tuple, dims: int) -> tuple:
+    """aten.conv1d/conv2d arguments (input, weight, bias, stride, padding, dilation, groups)
+    with groups=1, the defaults filled in where the graph left them out."""
+    defaults = (None, None, None, [1] * dims, [0] * dims, [1] * dims, 1)
+    full = list(args) + list(defaults[len(args) :])
+    full[6] = 1
+    return tuple(full)
 
 
 def op_multiset(graph: torch.fx.Graph | torch.fx.GraphModule) -> Counter:

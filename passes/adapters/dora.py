@@ -37,6 +37,11 @@ class DoRA(LoRA):
         constants={"use_dora": True},
     )
 
+    def check_site(self, site: Site) -> str | None:
+        if site.conv is not None and site.conv.groups != 1:  # its norm needs the dense weight
+            return f"{self.name} supports convolutions with groups=1 only (lora takes grouped ones)"
+        return super().check_site(site)
+
     def _magnitude_shape(self, site: Site) -> tuple[int, ...]:
         if site.conv is not None:  # PEFT keeps the conv norm as [1, out, 1, ...]
             return (1, site.out_features, *(1,) * len(site.conv.kernel))

@@ -57,11 +57,11 @@ class LoRAUpdate(LowRank):
                 "lora_A": ParamSpec((r, site.in_features)),
                 "lora_B": ParamSpec((site.out_features, r)),
             }
-        if site.conv is not None:
+        if site.conv is not None:  # A a full conv, B 1x1 in the site's groups (as PEFT)
             ones = (1,) * len(site.conv.kernel)
             return {
                 "lora_A": ParamSpec((r, site.in_features, *site.conv.kernel)),
-                "lora_B": ParamSpec((site.out_features, r, *ones)),
+                "lora_B": ParamSpec((site.out_features, r // site.conv.groups, *ones)),
             }
         return {
             "lora_A": ParamSpec((r, site.in_features)),
@@ -80,14 +80,19 @@ class LoRAUpdate(LowRank):
         if site.conv is not None:
             conv = F.conv1d if site.op == "conv1d" else F.conv2d
             g = site.conv
-            return base_out + conv(conv(h, A, None, g.stride, g.padding), B) * s
+            lora_out = conv(conv(h, A, None, g.stride, g.padding), B, groups=g.groups)
+            return base_out + lora_out * s
         return base_out + F.linear(F.linear(h, A), B) * s
 
     def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor:
-        """W + s·B·A in the site's logical [out, in] (or [vocab, dim] for embeddings) layout."""
+        """W + s·B·A in the site's logical [out, in] (or [vocab, dim] for embeddings) layout.
+        On a grouped convolution the update reaches every input channel, so the merged
+        weight is the dense [out, in, *k] one (the merge pass sets the conv's groups to 1)."""
         A, B, s = p["lora_A"], p["lora_B"], self.scaling
         if site.op == "embedding":
             return W + (B @ A).t() * s
+        if site.conv is not None and site.conv.groups > 1:
+            return _dense(site, W) + _grouped_delta(site, A, B) * s
         if site.conv is not None:
             if all(k == 1 for k in site.conv.kernel):
                 delta = (B.flatten(1) @ A.flatten(1)).view(W.shape)
@@ -101,8 +106,9 @@ class LoRAUpdate(LowRank):
         k = 1
         for d in site.conv.kernel if site.conv else ():
             k *= d
-        params = R * (D_IN * k + D_OUT)
-        flops_forward = 2 * T * R * (D_IN * k + D_OUT) + 2 * T * D_OUT
+        groups = site.conv.groups if site.conv else 1
+        params = R * (D_IN * k + D_OUT / groups)
+        flops_forward = 2 * T * R * (D_IN * k + D_OUT / groups) + 2 * T * D_OUT
         return Cost(
             params=params,
             flops_forward=flops_forward,
@@ -110,6 +116,27 @@ class LoRAUpdate(LowRank):
             activation_bytes=T * (R + (D_IN if self.dropout > 0 else 0)) * dtype_bytes(site.dtype),
             symbols=site_symbols(site, self.rank),
         )
+
+
+def _dense(site: Site, W: Tensor) -> Tensor:
+    """A grouped conv weight [out, in/groups, *k] as the dense [out, in, *k] one."""
+    g = site.conv.groups
+    out_g, in_g = site.out_features // g, site.in_features // g
+    dense = W.new_zeros((site.out_features, site.in_features, *W.shape[2:]))
+    for j in range(g):
+        dense[j * out_g : (j + 1) * out_g, j * in_g : (j + 1) * in_g] = W[
+            j * out_g : (j + 1) * out_g
+        ]
+    return dense
+
+
+def _grouped_delta(site: Site, A: Tensor, B: Tensor) -> Tensor:
+    """B·A for a full conv A [r, in, *k] and a grouped 1x1 conv B [out, r/groups, 1...]:
+    output channel o of group j sums group j's slice of A's channels."""
+    g, r = site.conv.groups, A.shape[0]
+    A_g = A.reshape(g, r // g, -1)
+    B_g = B.reshape(g, site.out_features // g, r // g)
+    return torch.bmm(B_g, A_g).reshape(site.out_features, *A.shape[1:])
 
 
 @register("lora")
@@ -132,8 +159,15 @@ class LoRA(LoRAUpdate):
     def check_site(self, site: Site) -> str | None:
         if why := super().check_site(site):
             return why
-        if site.conv is not None and (site.conv.groups != 1 or set(site.conv.dilation) != {1}):
-            return f"{self.name} supports convolutions with groups=1 and dilation=1 only"
+        if site.conv is None:
+            return None
+        if set(site.conv.dilation) != {1}:
+            return f"{self.name} supports convolutions with dilation=1 only"
+        if self.rank % site.conv.groups:
+            return (
+                f"{self.name} on a convolution with groups={site.conv.groups} needs a rank "
+                f"divisible by {site.conv.groups} (rank is {self.rank}); set rank to a multiple"
+            )
         return None
 
     def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
