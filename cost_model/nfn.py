@@ -56,7 +56,7 @@ def site_generator(seed: int, path: str) -> torch.Generator:
 def normalized_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
     """The [out, in] weight divided by its RMS, in float32."""
     W = W.detach().float()
-    if site.op == "addmm":  # stored [in, out]
+    if site.stored_in_out:
         W = W.t()
     W = W.reshape(W.shape[0], -1)
     return W / W.pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)

@@ -60,7 +60,7 @@ def merged_weights(
                 f"merging {method.name} at {site.path} gives NaN or Inf weights; the adapter "
                 "weights are broken (check the learning rate), so nothing was merged"
             )
-        if site.op == "addmm":
+        if site.stored_in_out:
             merged = merged.t()
         out[site.path] = merged.to(dtype or W.dtype).contiguous()
     return out
@@ -100,9 +100,11 @@ class MergeAdapters:
             shared = weight_uses[site.weight] > 1 or users_of_weight[site.weight] > 1
             target = f"{site.path}.weight" if shared else site.weight
             if shared:
-                args = list(base.args)
-                args[w_index] = program.add_parameter(target)
-                base.args = tuple(args)
+                holder = base.args[w_index] if site.transposed else base  # linear(x, t(W))
+                index = 0 if site.transposed else w_index
+                args = list(holder.args)
+                args[index] = program.add_parameter(target)
+                holder.args = tuple(args)
             self.state[target] = self.merged[site.path]
             if site.conv is not None and site.conv.groups > 1:
                 if self.merged[site.path].shape[1] == site.in_features:

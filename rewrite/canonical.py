@@ -1,10 +1,12 @@
-"""Canonical linears: a matmul of an activation with a transposed 2-D parameter is a linear.
+"""Canonical linears: a matmul of an activation with a 2-D parameter is a linear.
 
 `x @ self.weight.T` (a Linear subclass with a forward of its own), `torch.matmul(x, W.t())`,
 `x.mm(W.transpose(0, 1))` and the like trace to `matmul` or `mm` of a transpose of the
-parameter. `trace` rewrites each into `aten.linear(x, W)`, so it is a linear site like any
-other: insertion, fusion, merge, NFN scores and the ONNX export need nothing of their own.
-A product with the parameter as stored (`x @ W`, W kept [in, out]) is not rewritten.
+parameter: `trace` rewrites each into `aten.linear(x, W)`. A product with the parameter as
+stored (`x @ W`, W kept [in, out]) becomes `aten.linear(x, aten.t(W))`, a site whose weight
+is stored transposed (`Site.transposed`), as GPT-2's Conv1D stores it for `addmm`. Either
+way it is a linear site like any other: insertion, fusion, merge, NFN scores and the ONNX
+export need nothing of their own.
 """
 
 from __future__ import annotations
@@ -38,25 +40,43 @@ def _transposed_parameter(node: object, params: set[str]) -> torch.fx.Node | Non
     return None
 
 
+def _is_parameter(node: object, params: set[str]) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "placeholder"
+        and node.name in params
+        and node.meta.get("val") is not None
+        and node.meta["val"].dim() == 2
+    )
+
+
 def canonicalize_linears(program: Program) -> int:
-    """Rewrite matmul/mm(x, transpose(W)) into linear(x, W) in place; returns how many."""
+    """Rewrite matmul/mm(x, W.T) into linear(x, W) and matmul/mm(x, W) into
+    linear(x, t(W)), in place; returns how many."""
     params = {s.name for s in program.slots if s.kind == PARAMETER}
     graph = program.graph
     rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in MATMULS or len(node.args) != 2:
             continue
-        x, transposed = node.args
-        weight = _transposed_parameter(transposed, params)
-        if weight is None or not isinstance(x, torch.fx.Node) or x.name in params:
+        x, other = node.args
+        if not isinstance(x, torch.fx.Node) or x.name in params:
             continue
+        weight = _transposed_parameter(other, params)
         with graph.inserting_before(node):
-            linear = graph.call_function(aten.linear.default, (x, weight))
+            if weight is not None:  # x @ W.T: W is stored [out, in], as linear takes it
+                linear = graph.call_function(aten.linear.default, (x, weight))
+            elif _is_parameter(other, params):  # x @ W: W stored [in, out]
+                t = graph.call_function(aten.t.default, (other,))
+                t.meta = {**node.meta, "val": other.meta["val"].t()}
+                linear = graph.call_function(aten.linear.default, (x, t))
+            else:
+                continue
         linear.meta = dict(node.meta)  # shape, module stack and source line: the same op
         node.replace_all_uses_with(linear)
         graph.erase_node(node)
-        if not transposed.users:
-            graph.erase_node(transposed)
+        if weight is not None and not other.users:
+            graph.erase_node(other)
         rewritten += 1
     if rewritten:
         program.recompile()

@@ -25,5 +25,5 @@ def param_target(method: Any, site: Site, name: str) -> str:
 
 
 def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
-    """The weight in [out, in] layout (addmm stores it as [in, out])."""
-    return W.t() if site.op == "addmm" else W
+    """The weight in [out, in] layout (addmm and `x @ W` sites store it as [in, out])."""
+    return W.t() if site.stored_in_out else W

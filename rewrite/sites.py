@@ -8,6 +8,7 @@ Sites are keyed by module path; a module called twice is one site with two nodes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -75,6 +76,12 @@ class Site:
     conv: ConvGeometry | None = None
     padding_idx: int | None = None
     output_head: bool = False  # the model's output embeddings (see mark_output_head)
+    transposed: bool = False  # a linear of t(W): W stored [in, out] (rewrite/canonical.py)
+
+    @property
+    def stored_in_out(self) -> bool:
+        """The weight is stored [in, out], the transpose of the logical [out, in]."""
+        return self.op == "addmm" or self.transposed
 
 
 LINEAR_OPS = ("linear", "addmm")  # what `targets: all-linear` selects (addmm: GPT-2's Conv1D)
@@ -171,6 +178,9 @@ def find_sites(program: Program) -> SiteIndex:
             continue
         op = _OP_BY_TARGET[node.target]
         weight = operand(node, op, "weight")
+        transposed = op == "linear" and _is_transpose_of_parameter(weight, params)
+        if transposed:
+            weight = weight.args[0]
         if not isinstance(weight, torch.fx.Node) or weight.name not in params:
             continue
         val = weight.meta.get("val")
@@ -180,7 +190,7 @@ def find_sites(program: Program) -> SiteIndex:
         if path in nodes:
             nodes[path].append(node)
             continue
-        if op == "addmm":
+        if op == "addmm" or transposed:
             in_f, out_f = shape
         elif op == "embedding":
             in_f, out_f = shape
@@ -214,10 +224,21 @@ def find_sites(program: Program) -> SiteIndex:
             module_class=cls,
             conv=conv,
             padding_idx=padding_idx,
+            transposed=transposed,
         )
         nodes[path] = [node]
-        inputs[path] = node.args[1] if op == "embedding" else node.args[0 if op != "addmm" else 1]
+        inputs[path] = operand(node, op, "x")
     return SiteIndex(_with_groups(found, inputs), nodes)
+
+
+def _is_transpose_of_parameter(node: Any, params: Mapping[str, str]) -> bool:
+    """`aten.t` of a 2-D parameter placeholder: the weight operand of `linear(x, t(W))`."""
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.target == aten.t.default
+        and isinstance(node.args[0], torch.fx.Node)
+        and node.args[0].name in params
+    )
 
 
 def _with_groups(sites: dict[str, Site], inputs: dict[str, torch.fx.Node]) -> dict[str, Site]:

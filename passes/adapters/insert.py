@@ -101,6 +101,7 @@ def anonymous_site(site: Site) -> Site:
         group=(),
         module_class="",
         output_head=False,
+        transposed=False,  # the snippet reads W through the graph's t(W): [out, in] either way
     )
 
 
