@@ -1,6 +1,7 @@
 """peftc: a compiler-style graph rewriter for parameter-efficient fine-tuning."""
 
 from passes.adapters.registry import methods as _registered
+from peftc import distributed
 from peftc.adapted import AdaptedModel, DeadAdapterWarning
 from peftc.api import compile, from_peft
 from peftc.optimizers import create_loraplus_optimizer
@@ -14,6 +15,7 @@ __all__ = [
     "TraceError",
     "compile",
     "create_loraplus_optimizer",
+    "distributed",
     "from_peft",
     "methods",
 ]
