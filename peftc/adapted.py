@@ -87,6 +87,13 @@ class AdaptedModel(torch.nn.Module):
             self._gradient_check.arm(out)
         return out
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate` (any GenerationMixin arguments; KV cache as the model
+        uses it) with the adapters live, unmerged: see peftc/generate.py."""
+        from peftc.generate import generate
+
+        return generate(self.pipeline, *args, **kwargs)
+
     # the first-backward check's state, under the names tests and callers have read
     @property
     def _grad_check_done(self) -> bool:

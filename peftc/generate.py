@@ -1,0 +1,72 @@
+"""Generation with the adapters live: transformers' own loop, KV cache included.
+
+The traced graph is one forward without a cache, so it cannot drive an incremental decode.
+`generate` instead runs the base model's `GenerationMixin.generate` with a forward hook on
+each adapted module that adds the adapter, computed by the same `Method.forward` the graph
+was traced from, on the same adapter tensors. Nothing is merged: generation during training
+sees the current adapter values. The hooks live only for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from passes.adapters.base import SiteContext
+from passes.pipeline import Pipeline
+from rewrite.names import logical_weight, param_target
+
+
+@contextlib.contextmanager
+def live_adapters(pipeline: Pipeline) -> Iterator[None]:
+    """Within the block, each adapted module of the base model computes its adapter eagerly."""
+    state = pipeline.state()
+    modules = dict(pipeline.model.named_modules())
+    handles = []
+    try:
+        for a in pipeline.plan:
+            module = modules.get(a.site.path)
+            own = module is not None and a.site.weight == f"{a.site.path}.weight"
+            if not own:
+                raise ValueError(
+                    f"generate needs a module to hook at each adapted site, and {a.site.path} "
+                    "is a bare parameter product (x @ W), not a module; generate from the "
+                    "merged model instead (adapted.merge() weights), or adapt modules only"
+                )
+            params = {n: state[param_target(a.method, a.site, n)] for n in a.method.params(a.site)}
+            handles.append(module.register_forward_hook(_hook(a, params, state)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(a: Any, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> Any:
+    site, method = a.site, a.method
+
+    def add_adapter(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        W = logical_weight(site, state[site.weight])
+        bias = getattr(module, "bias", None) if site.has_bias else None
+        return method.forward(args[0], output, W, params, SiteContext(site, False, bias))
+
+    return add_adapter
+
+
+def generate(pipeline: Pipeline, *args: Any, **kwargs: Any) -> Any:
+    """The base model's `generate(*args, **kwargs)` with the adapters live (eval mode)."""
+    model = pipeline.model
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(
+            f"{type(model).__name__} has no generate(): it is not a transformers generation "
+            "model (GenerationMixin)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with live_adapters(pipeline), torch.no_grad():
+            return model.generate(*args, **kwargs)
+    finally:
+        model.train(was_training)
