@@ -22,7 +22,7 @@ from passes.cleanup import Cleanup
 from rewrite.names import PREFIX, logical_weight, param_target
 from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
-from rewrite.sites import SITE_OPS, SiteIndex
+from rewrite.sites import SITE_OPS, Site, SiteIndex
 from rewrite.spec import Assignment
 from rewrite.tags import tag_of
 from rewrite.unlift import unlift
@@ -96,21 +96,12 @@ class MergeAdapters:
             a = self.by_path[path]
             base = nodes[tag["base"]]
             site = a.site
-            w_index = SITE_OPS[site.op].weight
             shared = weight_uses[site.weight] > 1 or users_of_weight[site.weight] > 1
             target = f"{site.path}.weight" if shared else site.weight
             if shared:
-                holder = base.args[w_index] if site.transposed else base  # linear(x, t(W))
-                index = 0 if site.transposed else w_index
-                args = list(holder.args)
-                args[index] = program.add_parameter(target)
-                holder.args = tuple(args)
+                _read_weight(base, site, program.add_parameter(target))
             self.state[target] = self.merged[site.path]
-            if site.conv is not None and site.conv.groups > 1:
-                if self.merged[site.path].shape[1] == site.in_features:
-                    # the merged weight is dense (LoRA's update reaches every input channel):
-                    # the conv runs ungrouped from here on
-                    base.args = _ungrouped(base.args, len(site.conv.kernel))
+            _ungroup_if_dense(base, site, self.merged[site.path])
             out.replace_all_uses_with(base)
             modified = True
         graph.eliminate_dead_code()
@@ -124,13 +115,26 @@ class MergeAdapters:
         return PassResult(program.graph_module, modified)
 
 
-def _ungrouped(args: tuple, dims: int) -> tuple:
-    """aten.conv1d/conv2d arguments (input, weight, bias, stride, padding, dilation, groups)
-    with groups=1, the defaults filled in where the graph left them out."""
+def _read_weight(node: torch.fx.Node, site: Site, placeholder: torch.fx.Node) -> None:
+    """Point a site op at another weight placeholder (through its t() for linear(x, t(W)))."""
+    w_index = SITE_OPS[site.op].weight
+    holder, index = (node.args[w_index], 0) if site.transposed else (node, w_index)
+    args = list(holder.args)
+    args[index] = placeholder
+    holder.args = tuple(args)
+
+
+def _ungroup_if_dense(node: torch.fx.Node, site: Site, merged: torch.Tensor) -> None:
+    """A grouped conv whose merged weight is dense (LoRA's update reaches every input
+    channel) runs ungrouped from here on: groups=1 in its aten.conv1d/conv2d arguments
+    (input, weight, bias, stride, padding, dilation, groups), defaults filled in."""
+    if site.conv is None or site.conv.groups == 1 or merged.shape[1] != site.in_features:
+        return
+    dims = len(site.conv.kernel)
     defaults = (None, None, None, [1] * dims, [0] * dims, [1] * dims, 1)
-    full = list(args) + list(defaults[len(args) :])
+    full = list(node.args) + list(defaults[len(node.args) :])
     full[6] = 1
-    return tuple(full)
+    node.args = tuple(full)
 
 
 def op_multiset(graph: torch.fx.Graph | torch.fx.GraphModule) -> Counter:
@@ -167,16 +171,15 @@ class FoldWeights:
                     "the model's structure changed since it was compiled"
                 )
             nodes = self.sites.nodes[a.site.path]
-            w_index = SITE_OPS[a.site.op].weight
             shared = claimed[a.site.weight] > 1 or uses[a.site.weight] > len(nodes)
             target = f"{a.site.path}.weight" if shared else a.site.weight
             if shared:
                 placeholder = program.add_parameter(target)
                 for node in nodes:
-                    args = list(node.args)
-                    args[w_index] = placeholder
-                    node.args = tuple(args)
+                    _read_weight(node, a.site, placeholder)
             self.state[target] = self.merged[a.site.path]
+            for node in nodes:
+                _ungroup_if_dense(node, a.site, self.merged[a.site.path])
         program.recompile()
         return PassResult(program.graph_module, bool(self.assignments))
 

@@ -107,3 +107,24 @@ def test_a_rank_the_groups_do_not_divide_and_dora_are_refused():
     spec = {"adapters": [{"method": "dora", "targets": ["grouped"], "rank": 4}]}
     with pytest.raises(SpecError, match="dora supports convolutions with groups=1 only"):
         peftc.compile(GroupedNet(), spec, images())
+
+
+def test_the_fp16_merge_is_dense_too(adapted):
+    """The fp16 export folds merged weights into a fresh fp16 trace: its grouped convs are
+    made dense the same way (fp16 tolerance 1e-2 against the fp32 model)."""
+    from lowering.onnx import merged_module
+
+    base, model = adapted
+    gm = merged_module(model, "fp16")
+    groups = [
+        n.args[6] if len(n.args) > 6 else 1
+        for n in gm.graph.nodes
+        if n.target == torch.ops.aten.conv2d.default
+    ]
+    assert groups == [1, 1, 1, 1]
+    x = images(3, seed=5)
+    with torch.no_grad():
+        expected = model(*x)
+        got = gm(x[0].half()).float()
+    assert (expected - _out(base, x)).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
