@@ -29,8 +29,7 @@ def live_adapters(pipeline: Pipeline) -> Iterator[None]:
     try:
         for a in pipeline.plan:
             module = modules.get(a.site.path)
-            own = module is not None and a.site.weight == f"{a.site.path}.weight"
-            if not own:
+            if not hasattr(module, "weight"):  # None too: a product with a bare parameter
                 raise ValueError(
                     f"generate needs a module to hook at each adapted site, and {a.site.path} "
                     "is a bare parameter product (x @ W), not a module; generate from the "

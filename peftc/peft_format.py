@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -131,6 +132,15 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
         raise ValueError(
             f"this plan mixes methods {sorted(names)}; a PEFT adapter_config.json holds one "
             "method, so save one adapter per method"
+        )
+    modules = dict(adapted.model.named_modules())
+    bare = [a.path for a in plan if not hasattr(modules.get(a.path), "weight")]
+    if bare:
+        warnings.warn(
+            f"{', '.join(bare[:3])}{' ...' if len(bare) > 3 else ''}: adapted parameter "
+            "products (x @ W) with no module of their own; PEFT cannot load this adapter "
+            "(it has no module to put it on), peftc's load_adapter and from_peft can",
+            stacklevel=3,
         )
     state = adapted.state()
     tensors: dict[str, torch.Tensor] = {}
