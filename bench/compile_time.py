@@ -46,11 +46,11 @@ import torch  # noqa: E402
 from torch.export import Dim  # noqa: E402
 
 import peftc  # noqa: E402
+from bench.llama import TARGETS, llama, token_batch  # noqa: E402
 from rewrite.files import write_atomic  # noqa: E402
 from rewrite.splice import SNIPPETS  # noqa: E402
 from rewrite.trace import dynamic_dims  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAMES = {
     "export": "torch.export alone",
     "cold": "peftc.compile, snippet cache cold",
@@ -60,26 +60,12 @@ NAMES = {
 
 
 def build_base(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=2000,
-        max_position_embeddings=max(512, args.seq),
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).train()  # peftc traces in the model's mode: train
+    # peftc traces in the model's mode: train, as built from the config
+    return llama(args.hidden, args.layers, args.heads, args.intermediate, args.seq).train()
 
 
 def inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 2000, (args.batch, args.seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return token_batch(args.batch, args.seq)
 
 
 def export_alone(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> Any:

@@ -28,26 +28,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import peftc  # noqa: E402
+from bench.llama import TARGETS, llama, token_batch  # noqa: E402
 from passes.merge import merged_weights  # noqa: E402
 from rewrite.files import write_atomic  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=2000,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval().to(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "generate_cpu.json"))
     args = p.parse_args(argv)
 
-    base = build(args)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 2000, (2, 16), generator=g).to(args.device)
-    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    base = llama(args.hidden, args.layers, heads=4, use_cache=True).eval().to(args.device)
+    prompt = token_batch(2, 16, args.device, seed=1)
     spec = {"adapters": [{"method": "lora", "targets": TARGETS, "rank": 16, "alpha": 32}]}
     adapted = peftc.compile(copy.deepcopy(base), spec, prompt)
     with torch.no_grad():

@@ -8,7 +8,7 @@ on every attention and MLP projection, at batch 1 x seq 128 and batch 8 x seq 12
     ort_merged     peftc's merged ONNX export on onnxruntime
     ort_multi      peftc's multi-adapter ONNX graph (3 adapters, mixed adapter_ids)
 
-Contenders run interleaved, one call each per round, after warm-up. The Llama is the training benchmark's (bench/train_step.py `build_base`).
+Contenders run interleaved, one call each per round, after warm-up. The Llama is the training benchmark's (bench/llama.py).
 
 Prints latency medians and ratios, the node counts of the merged graph and of the base model
 exported through the same pipeline, and writes JSON with --json. Run:
@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -49,13 +48,13 @@ N_ADAPTERS = 3
 def llama(size: str) -> torch.nn.Module:
     """The training benchmark's Llama from config (bench/train_step.py, its defaults: hidden 512,
     4 layers, 8 heads, intermediate 1376, vocab 2000); small: a quick smoke-run size."""
-    from bench.train_step import build_base
+    from bench.llama import llama as from_config
 
     dims = {
         "full": dict(hidden=512, intermediate=1376, layers=4, heads=8),
         "small": dict(hidden=128, intermediate=344, layers=2, heads=4),
     }[size]
-    return build_base(SimpleNamespace(**dims, seq=128, device="cpu")).eval()
+    return from_config(**dims, seq=128).eval()
 
 
 def minilm() -> torch.nn.Module:

@@ -39,9 +39,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftc  # noqa: E402
+from bench.llama import TARGETS, llama, token_batch  # noqa: E402
 from rewrite.files import write_atomic  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAMES = {
     "a": "PEFT eager",
     "b": "PEFT + torch.compile",
@@ -54,26 +54,11 @@ NAMES = {
 
 
 def build_base(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=2000,
-        max_position_embeddings=max(512, args.seq),
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).to(args.device)
+    return llama(args.hidden, args.layers, args.heads, args.intermediate, args.seq).to(args.device)
 
 
 def inputs(args):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 2000, (args.batch, args.seq), generator=g).to(args.device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return token_batch(args.batch, args.seq, args.device)
 
 
 def lm_loss(logits, ids):
