@@ -21,15 +21,23 @@ aten = torch.ops.aten
 MATMULS = (aten.matmul.default, aten.mm.default)
 
 
+def _is_parameter(node: object, params: set[str]) -> bool:
+    """A 2-D parameter placeholder."""
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "placeholder"
+        and node.name in params
+        and node.meta.get("val") is not None
+        and node.meta["val"].dim() == 2
+    )
+
+
 def _transposed_parameter(node: object, params: set[str]) -> torch.fx.Node | None:
     """The 2-D parameter placeholder that `node` transposes (its last two dims), or None."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
         return None
     source = node.args[0]
-    if not (isinstance(source, torch.fx.Node) and source.op == "placeholder"):
-        return None
-    val = source.meta.get("val")
-    if source.name not in params or val is None or val.dim() != 2:
+    if not _is_parameter(source, params):
         return None
     if node.target in (aten.t.default, aten.numpy_T.default, aten.mT.default):
         return source
@@ -38,16 +46,6 @@ def _transposed_parameter(node: object, params: set[str]) -> torch.fx.Node | Non
     if node.target == aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]:
         return source
     return None
-
-
-def _is_parameter(node: object, params: set[str]) -> bool:
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "placeholder"
-        and node.name in params
-        and node.meta.get("val") is not None
-        and node.meta["val"].dim() == 2
-    )
 
 
 def canonicalize_linears(program: Program) -> int:
