@@ -128,11 +128,13 @@ class AdaptedModel(torch.nn.Module):
     def summary(self) -> str:
         return self.pipeline.summary()
 
-    def save_adapter(self, directory: str) -> None:
-        """Write adapter_model.safetensors + adapter_config.json in PEFT's format."""
+    def save_adapter(self, directory: str, format: str = "auto") -> None:
+        """Write adapter_model.safetensors + adapter_config.json: PEFT's format where PEFT has
+        the method, else peftc's own (peft_type "PEFTC_<NAME>", which PEFT cannot read);
+        `format="peft"` refuses a method PEFT does not have instead."""
         from peftc.peft_format import save_adapter
 
-        save_adapter(self.pipeline, directory)
+        save_adapter(self.pipeline, directory, format=format)
 
     def load_adapter(self, directory: str) -> None:
         """Load adapter weights saved by peftc or by PEFT's save_pretrained."""

@@ -4,7 +4,9 @@ A PEFT adapter directory holds `adapter_model.safetensors` (keys like
 `base_model.model.<module path>.lora_A.weight`) and `adapter_config.json`. Each method
 declares its format as one `PeftFormat` record (passes/adapters/peft_record.py): which
 configs it claims, its config fields and patterns, its key names. This module reads and
-writes every method through those records.
+writes every method through those records. Methods PEFT does not have are written in peftc's
+own format (`own_format`): the same two files, with a `PEFTC_<NAME>` peft_type that PEFT
+cannot read and peftc reads back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from passes.adapters.peft_record import get_nested, set_nested
+from passes.adapters.peft_record import get_nested, record_of, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
 from rewrite.names import param_target
@@ -41,6 +43,8 @@ def _absolute(site, suffix: str) -> str:
 def key_suffixes(method, site) -> dict[str, str]:
     """Adapter tensor name -> checkpoint key suffix at `site`."""
     record = _record(type(method))
+    if record.keys_are_names:
+        return {name: name for name in method.params(site)}
     keys = record.keys_by_op.get(site.op, record.keys)
     return {name: keys[name] for name in method.params(site) if name in keys}
 
@@ -57,16 +61,12 @@ def peft_aliases(method, site) -> dict[str, list[str]]:
 
 
 def _record(cls: type):
-    if cls.peft is None:
-        raise ValueError(
-            f"{cls.name} has no Hugging Face PEFT format, so it cannot be saved as one"
-        )
-    return cls.peft
+    return record_of(cls)
 
 
 def claims(cls: type, config: dict) -> bool:
-    """Whether `cls` reads PEFT config `config`."""
-    return cls.peft is not None and cls.peft.claims_config(config)
+    """Whether `cls` reads adapter config `config` (PEFT's, or peftc's own)."""
+    return record_of(cls).claims_config(config)
 
 
 def hyperparams_from_peft(cls: type, config: dict) -> dict:
@@ -125,7 +125,14 @@ def peft_config(assignments: list) -> dict:
     return config
 
 
-def save_adapter(adapted, directory: str | os.PathLike) -> None:
+FORMATS = ("auto", "peft")
+
+
+def save_adapter(adapted, directory: str | os.PathLike, format: str = "auto") -> None:
+    """Write the adapter: in PEFT's format where PEFT has the method, else in peftc's own
+    (`format="peft"` refuses the latter instead)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     plan = adapted.plan
     names = plan.methods()
     if len(names) != 1:
@@ -133,9 +140,17 @@ def save_adapter(adapted, directory: str | os.PathLike) -> None:
             f"this plan mixes methods {sorted(names)}; a PEFT adapter_config.json holds one "
             "method, so save one adapter per method"
         )
+    record = record_of(type(plan.assignments[0].method))
+    if format == "peft" and not record.is_peft:
+        raise ValueError(
+            f"{plan.assignments[0].method.name} is not a Hugging Face PEFT method, so it has no "
+            f"PEFT format; save with format='auto' to write peftc's own (peft_type "
+            f"{record.peft_type!r}, PEFT's file layout), which peftc's load_adapter and "
+            "from_peft read and PEFT cannot"
+        )
     modules = dict(adapted.model.named_modules())
     bare = [a.path for a in plan if not hasattr(modules.get(a.path), "weight")]
-    if bare:
+    if bare and record.is_peft:
         warnings.warn(
             f"{', '.join(bare[:3])}{' ...' if len(bare) > 3 else ''}: adapted parameter "
             "products (x @ W) with no module of their own; PEFT cannot load this adapter "
@@ -251,7 +266,7 @@ def method_for_config(config: dict) -> type:
     for cls in methods().values():
         if claims(cls, config):
             return cls
-    supported = sorted({c.peft.peft_type if c.peft else None for c in methods().values()} - {None})
+    supported = sorted({record_of(c).peft_type for c in methods().values()})
     raise ValueError(
         f"PEFT adapter type {peft_type!r} (with these options) is not supported; "
         f"supported peft_type values: {', '.join(supported)}"

@@ -112,10 +112,14 @@ class Program:
 
     def clone(self) -> Program:
         """A copy whose graph can be rewritten without touching this one."""
-        gm = torch.fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+        graph = copy.deepcopy(self.graph_module.graph)
+        # The copy may rename nodes (a placeholder named after a builtin, `input` in
+        # nn.Sequential's forward, becomes `input_1`), so slots follow the nodes, not the names.
+        renamed = {a.name: b.name for a, b in zip(self.graph.nodes, graph.nodes, strict=True)}
+        gm = torch.fx.GraphModule(self.graph_module, graph)
         return Program(
             graph_module=gm,
-            slots=[Slot(s.kind, s.name, s.target) for s in self.slots],
+            slots=[Slot(s.kind, renamed.get(s.name, s.name), s.target) for s in self.slots],
             input_names=list(self.input_names),
             in_spec=self.in_spec,
             out_spec=self.out_spec,

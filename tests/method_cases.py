@@ -1,7 +1,7 @@
 """The method cases: the one table that every method-generic test reads.
 
 A case is the hyperparameters one method's tests compile it with (small sizes, so the tests
-are fast, and an init that starts as the identity), and how its adapter tensors are given
+are fast, and an init that starts as the identity where the method can), and how its adapter tensors are given
 trained-looking values. Every registered method has a case: `ROWS` holds only what differs
 from the default a method's declared fields and capabilities give:
 
@@ -141,6 +141,7 @@ def cases(**capabilities: bool) -> list[MethodCase]:
             "mergeable": cls.mergeable,
             "batchable": cls.batchable,
             "needs_calibration": cls.needs_calibration,
+            "starts_as_identity": cls.starts_as_identity,
         }
         if all(have[k] == v for k, v in capabilities.items()):
             out.append(case(name))

@@ -16,7 +16,7 @@ import torch
 from passes.adapters.base import bind_plan
 from passes.adapters.registry import methods
 from passes.merge import merged_weights
-from peftc.peft_format import claims, method_for_config, spec_from_peft
+from peftc.peft_format import claims, method_for_config, read_config, spec_from_peft
 from rewrite.spec import load_spec, resolve
 from tests import method_checks as mc
 from tests.method_cases import ROWS, TOL, case, cases, fresh_inputs, logits, names
@@ -34,11 +34,40 @@ def test_every_row_is_a_registered_method_and_its_fields():
         assert set(case(name).hyper) <= {f.name for f in dataclasses.fields(methods()[name])}
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", names(starts_as_identity=True))
 def test_identity_at_init(method_model, name):
     model = method_model(name)
     expected = logits(model.base, fresh_inputs())
     torch.testing.assert_close(model.at_init, expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("name", names(starts_as_identity=False))
+def test_declared_not_identity_moves_the_model_at_init(method_model, name):
+    """A method that declares `starts_as_identity = False` (LoRA-XS's random R, SVFT's gate)
+    does change the output at init: the declaration is true, not a way out of the test."""
+    model = method_model(name)
+    assert not torch.equal(model.at_init, logits(model.base, fresh_inputs()))
+
+
+@pytest.mark.parametrize("name", names(peft=False))
+def test_own_format_checkpoint(method_model, name, tmp_path):
+    """A method PEFT lacks saves in peftc's own format: PEFT's file layout, a PEFTC_ peft_type
+    and the method's hyperparameters; the config reads back as this plan, and a PEFT-format
+    save is refused with the way out."""
+    model = method_model(name)
+    model.adapted.save_adapter(tmp_path)
+    config = read_config(tmp_path)
+    cls = model.case.cls
+    assert config["peft_type"] == "PEFTC_" + name.upper()
+    assert sorted(config["target_modules"]) == sorted(a.path for a in model.adapted.plan)
+    for field, value in model.case.hyper.items():
+        assert config[field] == value, field
+    assert method_for_config(config) is cls
+    spec = load_spec(spec_from_peft(config, model.sites), methods())
+    again = bind_plan(resolve(spec, model.sites, methods()))
+    assert plan_of(again) == plan_of(model.adapted.plan)
+    with pytest.raises(ValueError, match="not a Hugging Face PEFT method.*format='auto'"):
+        model.adapted.save_adapter(tmp_path / "peft", format="peft")
 
 
 @pytest.mark.parametrize("name", names(peft=True))

@@ -119,8 +119,12 @@ class Method(ABC):
     unmergeable_reason: ClassVar[str] = ""  # why not, when mergeable is False
     batchable: ClassVar[bool] = False  # the multi-adapter ONNX graph can batch its adapters
     needs_calibration: ClassVar[bool] = False  # init reads activation statistics
+    # the adapted model equals the base at init (False: the paper's init moves it, LoRA-XS)
+    starts_as_identity: ClassVar[bool] = True
     save_frozen: ClassVar[bool] = False  # its frozen tensors are part of the checkpoint
-    peft: ClassVar[PeftFormat | None] = None  # its Hugging Face PEFT format, where PEFT has it
+    # its Hugging Face PEFT format, where PEFT has it; without one, checkpoints are written in
+    # peftc's own format (the same layout, peft_type "PEFTC_<NAME>"; peft_record.own_format)
+    peft: ClassVar[PeftFormat | None] = None
 
     def __post_init__(self) -> None:
         validate_fields(self)

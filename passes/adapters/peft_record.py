@@ -14,6 +14,8 @@ translation code. Example (LoRA):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +75,12 @@ class PeftFormat:
     claims: bool = True  # False: saved in another method's format, which loads it back
     pattern_lookup: Literal["suffix", "suffix_or_path"] = "suffix"
     saved_as: Callable[[Any], Any] | None = None
+    keys_are_names: bool = False  # peftc's own format: each tensor is saved under its own name
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether Hugging Face PEFT reads this format (False: peftc's own)."""
+        return not self.peft_type.startswith(OWN_PREFIX)
 
     def claims_config(self, config: Mapping) -> bool:
         if not self.claims or config.get("peft_type") != self.peft_type:
@@ -99,6 +107,40 @@ class PeftFormat:
         # FourierFT's and C3A's: the first key that matches a dotted suffix, else the path.
         key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
         return patterns.get(key)
+
+
+OWN_PREFIX = "PEFTC_"
+# Hyperparameters that may differ per module, as LoRA's rank_pattern and alpha_pattern.
+PER_MODULE = ("rank", "alpha")
+
+
+@functools.cache
+def own_format(cls: type) -> PeftFormat:
+    """peftc's own checkpoint format for a method PEFT does not have: PEFT's layout
+    (adapter_model.safetensors keys `base_model.model.<path>.<tensor name>`, and an
+    adapter_config.json with target_modules), a peft_type of `PEFTC_<NAME>` that PEFT does not
+    know, and every hyperparameter under its own name (rank and alpha per module through
+    `rank_pattern` / `alpha_pattern`)."""
+    fields = {
+        f.name: PeftField(
+            f.name, f.default, pattern=f"{f.name}_pattern" if f.name in PER_MODULE else None
+        )
+        for f in dataclasses.fields(cls)
+        if "rule" in f.metadata
+    }
+    return PeftFormat(
+        peft_type=OWN_PREFIX + cls.name.upper(),
+        config="peftc's own adapter_config.json",
+        fields=fields,
+        keys={},
+        keys_are_names=True,
+    )
+
+
+def record_of(cls: type) -> PeftFormat:
+    """The format a method's checkpoints are written in: PEFT's where PEFT has the method,
+    else peftc's own."""
+    return cls.peft if cls.peft is not None else own_format(cls)
 
 
 def get_nested(config: Mapping, key: str) -> Any:
