@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from passes.merge import fold_weights, merged_weights, op_multiset
+from passes.merge import fold_weights, merged_biases, merged_weights, op_multiset
 from passes.pipeline import pipeline_of
 from rewrite.files import staged
 from rewrite.sites import find_sites
@@ -408,7 +408,8 @@ def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torc
     with _cast_tensors(base, torch_dtype):
         program = trace(base, inputs, training=False)
         state = pipeline.base_state()  # the fp16 copies, kept by the folded graph
-    return fold_weights(program, find_sites(program), assignments, state, merged)
+    biases = merged_biases(assignments, pipeline.state(), torch_dtype)
+    return fold_weights(program, find_sites(program), assignments, state, merged, biases)
 
 
 def export_merged(

@@ -1,6 +1,7 @@
 """Merge: fold each adapter into its base weight, so the graph is the base model's again.
 
-Each adapted site's op is fed `merged_weight(W, p)` and the adapter snippet is dropped.
+Each adapted site's op is fed `merged_weight(W, p)` (and `merged_bias`, where the method
+changes the bias) and the adapter snippet is dropped.
 Merging runs in fp32 and casts once to the weight's dtype (or a requested one). A weight shared
 by several sites (tied embeddings) gets a merged copy of its own under `<site path>.weight`.
 
@@ -44,10 +45,7 @@ def merged_weights(
     for a in assignments:
         site, method = a.site, a.method
         W = state[site.weight]
-        p = {
-            name: state[param_target(method, site, name)].detach().float()
-            for name in method.params(site)
-        }
+        p = _fp32_params(method, site, state)
         with torch.no_grad():
             merged = method.merged_weight(site, logical_weight(site, W.detach().float()), p)
         if merged is None:
@@ -66,6 +64,37 @@ def merged_weights(
     return out
 
 
+def merged_biases(
+    assignments: list[Assignment],
+    state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """site path -> merged bias, for the sites whose method changes the bias
+    (`Method.merged_bias`); computed in fp32 and cast once, like the weights."""
+    out = {}
+    for a in assignments:
+        site, method = a.site, a.method
+        if site.bias is None:
+            continue
+        p = _fp32_params(method, site, state)
+        W = logical_weight(site, state[site.weight].detach().float())
+        b = state[site.bias]
+        with torch.no_grad():
+            merged = method.merged_bias(site, W, b.detach().float(), p)
+        if merged is not None:
+            out[site.path] = merged.to(dtype or b.dtype).contiguous()
+    return out
+
+
+def _fp32_params(method, site: Site, state: Mapping[str, torch.Tensor]) -> dict:
+    """A site's adapter tensors, the floating ones in fp32 (index tensors stay integers)."""
+    out = {}
+    for name in method.params(site):
+        t = state[param_target(method, site, name)].detach()
+        out[name] = t.float() if t.is_floating_point() else t
+    return out
+
+
 class MergeAdapters:
     """Reroute each adapter output to its base op, fed by a merged weight placeholder."""
 
@@ -73,9 +102,15 @@ class MergeAdapters:
     requires: tuple[str, ...] = ()
     ensures: tuple[str, ...] = ("lint", "no_adapters")
 
-    def __init__(self, assignments: list[Assignment], merged: Mapping[str, torch.Tensor]):
+    def __init__(
+        self,
+        assignments: list[Assignment],
+        merged: Mapping[str, torch.Tensor],
+        biases: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.by_path = {a.site.path: a for a in assignments}
         self.merged = merged
+        self.biases = biases or {}
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(self, program: Program) -> PassResult:
@@ -102,6 +137,8 @@ class MergeAdapters:
                 _read_weight(base, site, program.add_parameter(target))
             self.state[target] = self.merged[site.path]
             _ungroup_if_dense(base, site, self.merged[site.path])
+            if site.path in self.biases:
+                self.state[_feed_bias(program, base, site)] = self.biases[site.path]
             out.replace_all_uses_with(base)
             modified = True
         graph.eliminate_dead_code()
@@ -122,6 +159,20 @@ def _read_weight(node: torch.fx.Node, site: Site, placeholder: torch.fx.Node) ->
     args = list(holder.args)
     args[index] = placeholder
     holder.args = tuple(args)
+
+
+def _feed_bias(program: Program, node: torch.fx.Node, site: Site) -> str:
+    """Point a site op at its merged bias; returns the state name that holds it (the bias's
+    own, unless the bias parameter feeds other ops too)."""
+    index = SITE_OPS[site.op].bias
+    old = node.args[index]
+    own = len(old.users) == 1 and program.slot_for(old) is not None
+    target = site.bias if own else f"{site.path}.merged_bias"
+    if not own:
+        args = list(node.args)
+        args[index] = program.add_parameter(target)
+        node.args = tuple(args)
+    return target
 
 
 def _ungroup_if_dense(node: torch.fx.Node, site: Site, merged: torch.Tensor) -> None:
@@ -151,10 +202,11 @@ class FoldWeights:
     requires: tuple[str, ...] = ("no_adapters",)
     ensures: tuple[str, ...] = ("lint",)
 
-    def __init__(self, sites: SiteIndex, assignments: list[Assignment], merged):
+    def __init__(self, sites: SiteIndex, assignments: list[Assignment], merged, biases=None):
         self.sites = sites
         self.assignments = assignments
         self.merged = merged
+        self.biases = biases or {}
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(self, program: Program) -> PassResult:
@@ -180,6 +232,9 @@ class FoldWeights:
             self.state[target] = self.merged[a.site.path]
             for node in nodes:
                 _ungroup_if_dense(node, a.site, self.merged[a.site.path])
+            if a.site.path in self.biases:
+                for node in nodes:
+                    self.state[_feed_bias(program, node, a.site)] = self.biases[a.site.path]
         program.recompile()
         return PassResult(program.graph_module, bool(self.assignments))
 
@@ -190,9 +245,11 @@ def fold_weights(
     assignments: list[Assignment],
     state: Mapping[str, torch.Tensor],
     merged: Mapping[str, torch.Tensor],
+    biases: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.fx.GraphModule:
-    """A self-contained GraphModule of `program` (a base trace) with merged weights folded in."""
-    fold = FoldWeights(sites, assignments, merged)
+    """A self-contained GraphModule of `program` (a base trace) with merged weights (and the
+    biases that change) folded in."""
+    fold = FoldWeights(sites, assignments, merged, biases)
     PassManager([fold, Cleanup()]).run(program)
     with torch.no_grad():
         owned = {k: v.detach().clone() for k, v in {**state, **fold.state}.items()}

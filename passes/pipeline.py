@@ -32,7 +32,7 @@ from passes.adapters.insert import AdapterStore, create_adapter_tensors, insert_
 from passes.adapters.registry import methods
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
-from passes.merge import MergeAdapters, merged_weights
+from passes.merge import MergeAdapters, merged_biases, merged_weights
 from rewrite.capture import capture_site_inputs
 from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
@@ -225,7 +225,11 @@ class Pipeline:
     ) -> tuple[list[Pass], MergeAdapters]:
         """The MERGE pipeline, and its merge pass (whose `state` holds the merged weights)."""
         assignments = self._plan().assignments
-        merge = MergeAdapters(assignments, merged_weights(assignments, state, safe_merge))
+        merge = MergeAdapters(
+            assignments,
+            merged_weights(assignments, state, safe_merge),
+            merged_biases(assignments, state),
+        )
         return [merge, Cleanup()], merge
 
     def program(self, training: bool | None = None, values: bool = False) -> Program:

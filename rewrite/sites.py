@@ -77,6 +77,7 @@ class Site:
     padding_idx: int | None = None
     output_head: bool = False  # the model's output embeddings (see mark_output_head)
     transposed: bool = False  # a linear of t(W): W stored [in, out] (rewrite/canonical.py)
+    bias: str | None = None  # state name of the bias, where it is a parameter
 
     @property
     def stored_in_out(self) -> bool:
@@ -221,6 +222,7 @@ def find_sites(program: Program) -> SiteIndex:
             weight_shape=shape,
             dtype=val.dtype,
             has_bias=isinstance(bias, torch.fx.Node),
+            bias=params.get(bias.name) if isinstance(bias, torch.fx.Node) else None,
             module_class=cls,
             conv=conv,
             padding_idx=padding_idx,
