@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from passes.adapters.contract import spec_names
 from passes.adapters.peft_record import get_nested, record_of, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
@@ -308,8 +309,13 @@ def spec_from_peft(config: dict, sites: SiteIndex) -> dict:
     """Translate a PEFT adapter_config.json into an equivalent peftc spec dict."""
     cls = method_for_config(config)
     paths = peft_targets(config, sites)
-    rule = {"method": cls.name, "targets": paths, **hyperparams_from_peft(cls, config)}
-    overrides = {p: o for p in paths if (o := overrides_from_peft(cls, config, p))}
+    key = {field: name for name, field in spec_names(cls).items()}  # field -> spec key
+
+    def keyed(values: dict) -> dict:
+        return {key[k]: v for k, v in values.items()}
+
+    rule = {"method": cls.name, "targets": paths, **keyed(hyperparams_from_peft(cls, config))}
+    overrides = {p: keyed(o) for p in paths if (o := overrides_from_peft(cls, config, p))}
     if overrides:
         rule["overrides"] = overrides
     return {"adapters": [rule]}

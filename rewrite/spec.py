@@ -253,14 +253,18 @@ def _parse_rule(index: int, raw: Any, methods: Mapping[str, type], placed: bool)
             f"{where}: unknown method {name!r}{hint}; known methods: {', '.join(methods)}"
         )
     method_cls = methods[name]
-    fields = [f.name for f in dataclasses.fields(method_cls)]
+    # spec key -> field (a field may go by another key: metadata "spec_name", see contract.hp)
+    field_of = {
+        f.metadata.get("spec_name") or f.name: f.name for f in dataclasses.fields(method_cls)
+    }
+    fields = list(field_of)
     allowed = ("method", *SELECTOR_KEYS, *fields)
     hyper = {}
     for key, value in raw.items():
         if key not in allowed:
             raise SpecError(f"{where} ({name}): unknown key {key!r}{_did_you_mean(key, allowed)}")
         if key in fields:
-            hyper[key] = value
+            hyper[field_of[key]] = value
     where = f"{where} ({name})"
     _build_method(method_cls, hyper, where)
     targets = _strings(raw["targets"], "targets", where) if "targets" in raw else ()
@@ -284,8 +288,9 @@ def _parse_rule(index: int, raw: Any, methods: Mapping[str, type], placed: bool)
                 raise SpecError(
                     f"{where}: overrides[{pattern!r}] has unknown key {key!r}{_did_you_mean(key, fields)}"
                 )
+        values = {field_of[k]: v for k, v in values.items()}
         _build_method(method_cls, {**hyper, **values}, f"{where} overrides[{pattern!r}]")
-        overrides.append((str(pattern), dict(values)))
+        overrides.append((str(pattern), values))
     return AdapterRule(index, name, hyper, targets, types, layers, exclude, tuple(overrides))
 
 

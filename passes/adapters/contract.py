@@ -85,10 +85,25 @@ def optional(rule: Rule, none_means: str) -> Rule:
     return Rule(f"null ({none_means}) or {rule.text}", lambda v: v is None or rule.ok(v))
 
 
-def hp(default: Any, rule: Rule, about: str = "", hint: str = "") -> Any:
+def hp(
+    default: Any, rule: Rule, about: str = "", hint: str = "", spec_name: str | None = None
+) -> Any:
     """Declare a hyperparameter field: its default, its constraint, and optionally what it is
-    and what to do instead (shown in messages: "rank (the block size) must be ..., got 0")."""
-    return dataclasses.field(default=default, metadata={"rule": rule, "about": about, "hint": hint})
+    and what to do instead (shown in messages: "rank (the block size) must be ..., got 0").
+    `spec_name` is the key specs and configs use where the paper's name cannot be a field
+    (NLoRA's `init` would hide `Method.init`)."""
+    metadata = {"rule": rule, "about": about, "hint": hint, "spec_name": spec_name}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def spec_name(f: dataclasses.Field) -> str:
+    """The key a hyperparameter field goes by in specs, messages and peftc's checkpoints."""
+    return f.metadata.get("spec_name") or f.name
+
+
+def spec_names(cls: type) -> dict[str, str]:
+    """spec key -> field name, for every field of a method class."""
+    return {spec_name(f): f.name for f in dataclasses.fields(cls)}
 
 
 def validate_fields(method: object) -> None:
@@ -100,7 +115,7 @@ def validate_fields(method: object) -> None:
             about = f" ({f.metadata['about']})" if f.metadata.get("about") else ""
             hint = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
             raise ValueError(
-                f"{method.name}: {f.name}{about} must be {rule.text}, got {value!r}{hint}"
+                f"{method.name}: {spec_name(f)}{about} must be {rule.text}, got {value!r}{hint}"
             )
 
 
@@ -164,6 +179,12 @@ class Method(ABC):
 
     def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor | None:
         """The folded weight, so that the site's op with it equals `forward` (None: cannot)."""
+        return None
+
+    def merged_bias(self, site: Site, W: Tensor, b: Tensor, p: Params) -> Tensor | None:
+        """The folded bias where the update changes it (Hydra's sequential branch acts on the
+        base output, bias included); None: the base bias stays. Called only on sites whose
+        bias is a parameter."""
         return None
 
     @abstractmethod

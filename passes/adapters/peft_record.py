@@ -123,7 +123,9 @@ def own_format(cls: type) -> PeftFormat:
     `rank_pattern` / `alpha_pattern`)."""
     fields = {
         f.name: PeftField(
-            f.name, f.default, pattern=f"{f.name}_pattern" if f.name in PER_MODULE else None
+            key := f.metadata.get("spec_name") or f.name,
+            f.default,
+            pattern=f"{key}_pattern" if key in PER_MODULE else None,
         )
         for f in dataclasses.fields(cls)
         if "rule" in f.metadata
