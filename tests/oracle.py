@@ -52,7 +52,9 @@ def one_conv2d(method: str, cin: int = 6, cout: int = 8, kernel: int = 3, **hype
     model = torch.nn.Sequential(layer)
     spec = {"adapters": [{"method": method, "targets": ["0"], **hyper}]}
     adapted = peftc.compile(model, spec, (torch.randn(2, cin, 9, 9),)).eval()
-    return OneLayer(layer, adapted, torch.randn(3, cin, 11, 11, generator=_gen(1)))
+    return OneLayer(
+        layer, adapted, torch.randn(3, cin, 9, 9, generator=_gen(1))
+    )  # batch is dynamic, not H, W
 
 
 def perturbed(one: OneLayer, std: float = 0.1, seed: int = 2) -> OneLayer:

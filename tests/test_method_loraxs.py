@@ -41,3 +41,18 @@ def test_init_sigma_sets_the_spread_of_R():
     one = one_linear("loraxs", rank=8, init_sigma=0.5)
     assert 0.3 < one.tensors()["loraxs_R"].std() < 0.7
     assert isinstance(one.adapted, peftc.AdaptedModel)
+
+
+def test_shared_svd_fixes_each_pairs_sign():
+    """The factors rebuilt from W on load carry one sign per singular pair by rule (the entry
+    of U's column largest in magnitude is positive), whatever sign LAPACK returns."""
+    from passes.adapters.svd import svd
+
+    W = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))
+    U, S, Vh = svd(W)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, W, atol=TOL, rtol=TOL)
+    peaks = U.gather(0, U.abs().argmax(0, keepdim=True))
+    assert (peaks > 0).all()
+    U2, _, Vh2 = svd(-W)  # LAPACK's signs for -W differ; the rule gives U the same signs
+    torch.testing.assert_close(U2, U, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(Vh2, -Vh, atol=TOL, rtol=TOL)

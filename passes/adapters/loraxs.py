@@ -6,8 +6,9 @@ and B = U_r (out×r) are frozen; only R (r×r) trains, drawn from N(0, init_sigm
 moves (slightly) at init. Merged: W + s·B·R·A; s = alpha/rank, alpha = rank by default.
 
 peftc takes the exact SVD (torch.linalg.svd in fp32) where the official code runs sklearn's
-randomized TruncatedSVD on Wᵀ: the same top-r subspace, no sklearn. A and B are rebuilt from
-W when a checkpoint loads, so only R is saved. With the same B·R·A, LoRA-XS is a LoRA with
+randomized TruncatedSVD on Wᵀ: the same top-r subspace, no sklearn, with one sign per
+singular pair fixed by rule (svd.py). A and B are rebuilt from W when a checkpoint loads, so
+only R is saved. With the same B·R·A, LoRA-XS is a LoRA with
 lora_A = R·A and lora_B = B (tests/test_method_loraxs.py compares the two).
 """
 
@@ -22,12 +23,13 @@ from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.contract import POSITIVE_NUMBER, LowRank, hp, optional
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
+from passes.adapters.svd import svd
 from rewrite.sites import Site
 
 
 def svd_factors(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """(A, B) = (S_r·V_rᵀ, U_r) of the [out, in] weight, in fp32."""
-    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    U, S, Vh = svd(W)
     return S[:r, None] * Vh[:r], U[:, :r]
 
 
@@ -41,7 +43,8 @@ class LoRAXS(LowRank):
 
     @property
     def scaling(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r = self.rank
