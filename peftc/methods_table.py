@@ -50,13 +50,18 @@ def _trainable_4096(cls: type) -> int:
 
 def methods_table() -> str:
     rows = [
-        "| spec name | paper | merges | layer kinds | trainable params, one 4096×4096 layer (defaults) |",
-        "|---|---|---|---|---|",
+        "| spec name | paper | merges | layer kinds | trainable params, one 4096×4096 layer "
+        "(defaults) | checkpoint format |",
+        "|---|---|---|---|---|---|",
     ]
     for name, cls in methods().items():
         merges = "yes" if cls.mergeable else "no"
         kinds = ", ".join(cls.supported_ops)
-        rows.append(f"| `{name}` | {_paper(cls)} | {merges} | {kinds} | {_trainable_4096(cls):,} |")
+        saved = "PEFT" if cls.peft is not None else "peftc's own"
+        rows.append(
+            f"| `{name}` | {_paper(cls)} | {merges} | {kinds} | {_trainable_4096(cls):,} "
+            f"| {saved} |"
+        )
     return "\n".join(rows)
 
 

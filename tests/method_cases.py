@@ -54,6 +54,8 @@ class Row:
 
 
 ROWS: dict[str, Row] = {
+    # the ramp's step counter at ramp_up_steps (u = 1), so the trained-looking state shows
+    "singlora": Row(fill={"singlora_t": 100.0}),
     # blocks must divide 32, 64 and 96; zeros is PEFT's init_weights=True, the identity
     "c3a": Row({"block_size": 16, "init_weights": "zeros"}, std=1.0),  # ΔW = C(w)/d_in
     # a few frequencies per layer; init_weights=True zeroes the spectrum: the identity
@@ -102,6 +104,10 @@ class MethodCase:
     def perturb(self, adapted, std: float | None = None, seed: int = 1) -> None:
         """Trained-looking values: Gaussian noise on the trainable tensors, then `fill`."""
         perturb(adapted.trainable_parameters(), std=self.std if std is None else std, seed=seed)
+        self.apply_fill(adapted)
+
+    def apply_fill(self, adapted) -> None:
+        """Set the tensors named in `fill` (trainable or not: SingLoRA's step counter)."""
         with torch.no_grad():
             for key, p in adapted.named_adapter_parameters().items():
                 leaf = key.rsplit(".", 1)[-1]
