@@ -12,6 +12,10 @@ medians. Contenders:
      (input embeddings require grad, so the backward runs through every layer)
   f  peftc DoRA compiled (r=16)
   g  d with the optimizer step compiled too (torch.compile of AdamW.step)
+  h  peftc PaCA compiled (r=16: 16 trained input columns per layer, alpha = r)
+  i  peftc MoRA compiled (rank 16: the LoRA-equivalent budget, one square matrix)
+  j  peftc LoRMA compiled (r=16, pre + rri: W' = W + s·B·A·W each step)
+The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios).
 Peak memory: max allocated per step on GPU. On CPU (`--memory`), each contender runs alone in a
 fresh child process whose large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so RSS
 follows live tensors; the figure is the peak RSS during three steps above the RSS at rest
@@ -50,7 +54,21 @@ NAMES = {
     "e": "floor: compiled base fwd+bwd",
     "f": "peftc DoRA compiled",
     "g": "d + compiled optimizer step",
+    "h": "peftc PaCA compiled",
+    "i": "peftc MoRA compiled",
+    "j": "peftc LoRMA compiled",
 }
+# The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
+METHOD = {
+    "c": "lora",
+    "d": "lora",
+    "f": "dora",
+    "g": "lora",
+    "h": "paca",
+    "i": "mora",
+    "j": "lorma",
+}
+NO_ALPHA = {"mora"}
 
 
 def build_base(args):
@@ -75,17 +93,16 @@ def make_contender(key, base, args, x):
         "target_modules": TARGETS,
         "lora_dropout": 0.0,
     }
-    spec_method = "dora" if key == "f" else "lora"
-    spec = {
-        "adapters": [
-            {"method": spec_method, "targets": TARGETS, "rank": args.rank, "alpha": 2 * args.rank}
-        ]
-    }
+    spec_method = METHOD.get(key, "lora")
+    rule = {"method": spec_method, "targets": TARGETS, "rank": args.rank}
+    if spec_method not in NO_ALPHA:
+        rule["alpha"] = 2 * args.rank
+    spec = {"adapters": [rule]}
     if key in ("a", "b"):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).train()
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model, mode=args.mode) if key == "b" else model
-    elif key in ("c", "d", "f", "g"):
+    elif key in METHOD:
         model = peftc.compile(copy.deepcopy(base), spec, x, fuse=key != "c").train()
         model.compile_for_training(mode=args.mode)
         params = model.trainable_parameters()
@@ -230,6 +247,9 @@ def main(argv=None) -> int:
         ("d", "e"): "d/e cost over the floor",
         ("f", "d"): "f/d DoRA step / LoRA step",
         ("g", "d"): "g/d compiled optimizer step",
+        ("h", "d"): "h/d PaCA step / LoRA step",
+        ("i", "d"): "i/d MoRA step / LoRA step",
+        ("j", "d"): "j/d LoRMA step / LoRA step",
     }
     ratios = {
         label: med[num] / med[den]
