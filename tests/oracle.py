@@ -46,6 +46,19 @@ def one_linear(
     return OneLayer(layer, adapted, torch.randn(3, 7, in_features, generator=_gen(1)))
 
 
+def one_conv1d(method: str, **hyper) -> OneLayer:
+    """GPT-2's Conv1D, 24 -> 16 (an addmm site: its weight is stored [in, out]); W = weight.T."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(16, 24)
+    torch.nn.init.normal_(layer.weight, std=0.2)
+    torch.nn.init.normal_(layer.bias, std=0.1)
+    spec = {"adapters": [{"method": method, "targets": ["0"], **hyper}]}
+    adapted = peftc.compile(torch.nn.Sequential(layer), spec, (torch.randn(2, 5, 24),)).eval()
+    return OneLayer(layer, adapted, torch.randn(3, 7, 24, generator=_gen(1)))
+
+
 def one_conv2d(method: str, cin: int = 6, cout: int = 8, kernel: int = 3, **hyper) -> OneLayer:
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(cin, cout, kernel, padding=1)

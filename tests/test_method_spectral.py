@@ -5,22 +5,10 @@ and its siblings'."""
 
 import pytest
 import torch
-from transformers.pytorch_utils import Conv1D
 
 import peftc
 from passes.merge import merged_weights
-from tests.oracle import TOL, OneLayer, one_linear, perturbed
-
-
-def one_conv1d(method: str, **hyper) -> OneLayer:
-    """GPT-2's Conv1D (an addmm site, its weight stored [in, out])."""
-    torch.manual_seed(0)
-    layer = Conv1D(16, 24)
-    torch.nn.init.normal_(layer.weight, std=0.2)
-    torch.nn.init.normal_(layer.bias, std=0.1)
-    spec = {"adapters": [{"method": method, "targets": ["0"], **hyper}]}
-    adapted = peftc.compile(torch.nn.Sequential(layer), spec, (torch.randn(2, 5, 24),)).eval()
-    return OneLayer(layer, adapted, torch.randn(3, 7, 24))
+from tests.oracle import TOL, OneLayer, one_conv1d, one_linear, perturbed
 
 
 def reference_weight(W, U, S, V, A, B):

@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
-from passes.adapters.contract import POSITIVE_INT, POSITIVE_NUMBER, Method, hp, optional
+from passes.adapters.contract import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Method,
+    hp,
+    optional,
+    rank_too_large,
+)
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -60,13 +67,7 @@ class ABBA(Method):
         return float(self.rank if self.alpha is None else self.alpha)
 
     def check_site(self, site: Site) -> str | None:
-        if self.rank > min(site.in_features, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows (the truncated SVD of W "
-                f"needs rank <= min(in={site.in_features}, out={site.out_features})); "
-                "lower the rank"
-            )
-        return None
+        return rank_too_large(self.rank, site.in_features, site.out_features)
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r, i, o = self.rank, site.in_features, site.out_features

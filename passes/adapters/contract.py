@@ -226,10 +226,20 @@ class LowRank(Method):
 
     def check_site(self, site: Site) -> str | None:
         fan_in = site.in_features * math.prod(site.conv.kernel if site.conv else ())
-        if self.rank > min(fan_in, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows "
-                f"(min(in={fan_in}, out={site.out_features}) = "
-                f"{min(fan_in, site.out_features)}); lower the rank"
-            )
+        return rank_too_large(self.rank, fan_in, site.out_features)
+
+
+def rank_too_large(rank: int, d_in: int, d_out: int, in_name: str = "in") -> str | None:
+    """The message for a rank above min(d_in, d_out), or None when it fits."""
+    if rank <= min(d_in, d_out):
         return None
+    return (
+        f"rank {rank} is larger than the layer allows (min({in_name}={d_in}, out={d_out}) = "
+        f"{min(d_in, d_out)}); lower the rank"
+    )
+
+
+def alpha_over_rank(alpha: float | None, rank: int) -> float:
+    """s = alpha/rank, where a missing alpha means alpha = rank (s = 1), as the papers of
+    LoRA-XS, NOLA, QR-LoRA and MultiLoRA default it."""
+    return (rank if alpha is None else alpha) / rank

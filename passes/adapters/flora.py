@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
-from passes.adapters.contract import POSITIVE_INT, POSITIVE_NUMBER, PROBABILITY, Method, hp
+from passes.adapters.contract import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    PROBABILITY,
+    Method,
+    hp,
+    rank_too_large,
+)
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -57,13 +64,8 @@ class FLoRA(Method):
 
     def check_site(self, site: Site) -> str | None:
         d_in, d_out = self._dims(site)[:2]
-        if self.rank > min(d_in, d_out):
-            kind = "in_channels/groups" if site.conv is not None else "in"
-            return (
-                f"rank {self.rank} is larger than the layer allows (min({kind}={d_in}, "
-                f"out={d_out}) = {min(d_in, d_out)}); lower the rank"
-            )
-        return None
+        kind = "in_channels/groups" if site.conv is not None else "in"
+        return rank_too_large(self.rank, d_in, d_out, kind)
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         ranks, dims = self._ranks(site), self._dims(site)

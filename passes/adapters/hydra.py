@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
-from passes.adapters.contract import POSITIVE_INT, Method, hp, optional
+from passes.adapters.contract import POSITIVE_INT, Method, hp, optional, rank_too_large
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -45,11 +45,8 @@ class Hydra(Method):
 
     def check_site(self, site: Site) -> str | None:
         i, o = site.in_features, site.out_features
-        if self.rank > min(i, o):
-            return (
-                f"rank {self.rank} is larger than the layer allows (min(in={i}, out={o}) = "
-                f"{min(i, o)}); lower the rank"
-            )
+        if why := rank_too_large(self.rank, i, o):
+            return why
         if self.r_seq > o:
             return (
                 f"seq_rank {self.r_seq} is larger than out_features {o} (the sequential branch "

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
-from passes.adapters.contract import POSITIVE_INT, POSITIVE_NUMBER, LowRank, Method, hp, optional
+from passes.adapters.contract import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    LowRank,
+    Method,
+    alpha_over_rank,
+    hp,
+    optional,
+)
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -42,7 +50,7 @@ class MultiLoRA(Method):
 
     @property
     def scaling(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
+        return alpha_over_rank(self.alpha, self.rank)
 
     def check_site(self, site: Site) -> str | None:
         return LowRank.check_site(self, site)  # each module's rank fits the layer

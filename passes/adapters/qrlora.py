@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
-from passes.adapters.contract import POSITIVE_INT, POSITIVE_NUMBER, Method, hp, optional
+from passes.adapters.contract import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Method,
+    alpha_over_rank,
+    hp,
+    optional,
+    rank_too_large,
+)
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
 from passes.adapters.registry import register
 from rewrite.sites import Site
@@ -43,16 +51,10 @@ class QRLoRA(Method):
 
     @property
     def scaling(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
+        return alpha_over_rank(self.alpha, self.rank)
 
     def check_site(self, site: Site) -> str | None:
-        if self.rank > min(site.in_features, site.out_features):
-            return (
-                f"rank {self.rank} is larger than the layer allows (min(in={site.in_features}, "
-                f"out={site.out_features}) = {min(site.in_features, site.out_features)} "
-                "singular vectors); lower the rank"
-            )
-        return None
+        return rank_too_large(self.rank, site.in_features, site.out_features)
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         return {
