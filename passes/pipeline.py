@@ -91,6 +91,9 @@ class Pipeline:
         self._sites: dict[bool, SiteIndex] = {}
         self._programs: dict[bool, Program] = {}  # rewritten
         self._refreshed: set[bool] = set()
+        # recompute the training graph's forward in the backward (transformers' flag, through
+        # AdaptedModel.activation_checkpointing_enable); compiled graphs take it at compile
+        self.checkpointing = False
 
     # -- the spec -------------------------------------------------------------------------
 
@@ -283,7 +286,12 @@ class Pipeline:
         """Run a mode's adapted graph on named inputs (compiled, where `runners` has it)."""
         program = self.program(training)
         check_inputs(program, inputs)
-        return program.run(self.state(), inputs, self.runners.get(training))
+        runner = self.runners.get(training)
+        if training and self.checkpointing and runner is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                program.run, self.state(), inputs, None, use_reentrant=False
+            )
+        return program.run(self.state(), inputs, runner)
 
     def merge(self, safe_merge: bool = True) -> torch.fx.GraphModule:
         """A GraphModule (eval mode) with every adapter folded into its base weight."""

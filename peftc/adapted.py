@@ -11,6 +11,9 @@ tensors.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -28,12 +31,20 @@ __all__ = ["AdaptedModel", "DeadAdapterWarning", "dead_adapters"]
 
 
 class AdaptedModel(torch.nn.Module):
+    # transformers' Trainer: the loss is the traced model's own (its mean over the batch), so
+    # Trainer scales it for gradient accumulation instead of passing num_items_in_batch
+    accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
+
     def __init__(self, pipeline: Pipeline):
         """`pipeline` is built (`Pipeline.build`): it has its plan and adapter tensors."""
         super().__init__()
         if pipeline.plan is None:
             raise ValueError("AdaptedModel needs a built pipeline (Pipeline.build) with a plan")
+        # forward shows the base model's signature (see adapted_class)
+        self.__class__ = adapted_class(type(pipeline.model))
         self.pipeline = pipeline
+        self._compile_options: dict[str, Any] | None = None
         # registered here too (the same module objects the pipeline reads), so that
         # parameters(), state_dict() and .to() cover the base and the adapters
         self.base = pipeline.model
@@ -113,8 +124,52 @@ class AdaptedModel(torch.nn.Module):
         dynamic batch and sequence. Returns self; training-mode calls then run compiled."""
         from lowering.inductor import compile_pipeline
 
+        activation_checkpointing = activation_checkpointing or self.pipeline.checkpointing
         compile_pipeline(self.pipeline, mode, dynamic, activation_checkpointing)
+        self._compile_options = {"mode": mode, "dynamic": dynamic}
         return self
+
+    # transformers' activation (gradient) checkpointing flags, as Trainer sets them
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute the training graph's forward in the backward: the whole graph, as
+        `compile_for_training(activation_checkpointing=True)` does (it has no layers to pick
+        from, so `every_n_layers` only warns). A compiled graph is compiled again with it."""
+        if offload:
+            raise NotImplementedError(
+                "peftc checkpoints activations by recomputing them, not by offloading them; "
+                "drop offload from the activation checkpointing options"
+            )
+        if every_n_layers != 1:
+            warnings.warn(
+                f"every_n_layers={every_n_layers}: peftc recomputes the whole training graph "
+                "(a flat graph has no layers to skip)",
+                stacklevel=2,
+            )
+        self._set_checkpointing(True)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._set_checkpointing(False)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.pipeline.checkpointing
+
+    def _set_checkpointing(self, on: bool) -> None:
+        self.pipeline.checkpointing = on
+        if self._compile_options is not None:  # compiled: compile again with the new setting
+            from lowering.inductor import compile_pipeline
+
+            opts = self._compile_options
+            compile_pipeline(self.pipeline, opts["mode"], opts["dynamic"], on)
 
     # -- adapters -----------------------------------------------------------------------
 
@@ -159,3 +214,22 @@ class AdaptedModel(torch.nn.Module):
         from lowering.onnx import export_merged
 
         return export_merged(self.pipeline, path, dtype=dtype, opset=opset, dynamic=dynamic)
+
+
+@functools.cache
+def adapted_class(base_class: type) -> type:
+    """AdaptedModel whose `forward` shows `base_class.forward`'s signature, so the adapted
+    model reads like the original one: transformers' Trainer keeps the dataset columns the
+    signature names, finds `labels` in it and sees whether the model can return a loss."""
+    try:
+        signature = inspect.signature(base_class.forward)
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return AdaptedModel
+
+    def forward(self: AdaptedModel, *args: Any, **kwargs: Any) -> Any:
+        return AdaptedModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = f"{base_class.__name__}.forward, through the adapted graph."
+    name = f"Adapted{base_class.__name__}"
+    return type(name, (AdaptedModel,), {"forward": forward, "__module__": __name__})

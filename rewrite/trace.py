@@ -230,9 +230,22 @@ def _program_from_export(
 def check_inputs(program: Program, inputs: Mapping[str, Any]) -> None:
     """Refuse inputs whose names, ranks, static sizes or dtypes differ from the traced ones."""
     if set(inputs) != set(program.input_names):
+        extra = sorted(set(inputs) - set(program.input_names))
+        missing = sorted(set(program.input_names) - set(inputs))
+        diff = ", ".join(
+            part
+            for part in (f"extra {extra}" if extra else "", f"missing {missing}" if missing else "")
+            if part
+        )
+        hint = (
+            " To get the model's own loss (transformers' Trainer passes labels), compile with "
+            "labels in the example inputs."
+            if "labels" in extra
+            else ""
+        )
         raise TypeError(
-            f"this model was compiled for inputs {program.input_names}, got {sorted(inputs)}. "
-            "Call it with the same named inputs as the example inputs."
+            f"this model was compiled for inputs {program.input_names}, got {sorted(inputs)} "
+            f"({diff}). Call it with the same named inputs as the example inputs.{hint}"
         )
     for name, (shape, _dtype) in program.input_meta.items():
         t = inputs[name]
