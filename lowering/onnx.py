@@ -166,15 +166,51 @@ def _save(program, path: Path, external: bool) -> None:
 # -- export ------------------------------------------------------------------------------
 
 
-def _dynamic_shapes(inputs: Mapping[str, torch.Tensor], dynamic: bool) -> tuple | None:
+Dims = Mapping[str, tuple]  # per input: the trace's symbol per dim, None where fixed
+
+
+def axis_names(inputs: Mapping[str, torch.Tensor], dims: Dims | None) -> dict[tuple, str]:
+    """The ONNX name of each dynamic (input, dim): `batch` and `sequence` where the heuristic
+    places them and the example agrees on one size, else one name per trace symbol (dims the
+    model ties together share it). Without `dims` (a module exported on its own), the
+    heuristic's batch and sequence dims."""
+    if dims is None:
+        dims = {
+            name: tuple(f"h{d}" if d in dynamic_dims(t) else None for d in range(t.dim()))
+            for name, t in inputs.items()
+        }
+    per_symbol: dict[str, str] = {}
+    names: dict[tuple, str] = {}
+    for name, symbols in dims.items():
+        t = inputs[name]
+        for d, symbol in enumerate(symbols):
+            if symbol is None:
+                continue
+            own = per_symbol.setdefault(symbol, f"{name}_dim{d}")
+            names[(name, d)] = AXIS_NAMES[d] if d in dynamic_dims(t) else own
+    sizes: dict[str, set[int]] = {}
+    for (name, d), axis in names.items():
+        sizes.setdefault(axis, set()).add(int(inputs[name].shape[d]))
+    for (name, d), axis in list(names.items()):
+        if axis in AXIS_NAMES and len(sizes[axis]) > 1:  # not one axis after all
+            names[(name, d)] = per_symbol[dims[name][d]]
+    return names
+
+
+def _dynamic_shapes(
+    inputs: Mapping[str, torch.Tensor], dynamic: bool, dims: Dims | None = None
+) -> tuple | None:
+    """torch.export's dynamic_shapes for the export: exactly the dims the trace resolved
+    dynamic (`dims`), one Dim per axis name."""
     if not dynamic:
         return None
     from torch.export import Dim
 
-    dims = {name: Dim(name) for name in AXIS_NAMES}
+    names = axis_names(inputs, dims)
+    made = {axis: Dim(axis) for axis in dict.fromkeys(names.values())}
     return tuple(
-        {d: dims[AXIS_NAMES[d]] for d in dynamic_dims(t) if d < len(AXIS_NAMES)}
-        for t in inputs.values()
+        {d: made[names[(name, d)]] for d in range(t.dim()) if (name, d) in names}
+        for name, t in inputs.items()
     )
 
 
@@ -186,14 +222,17 @@ def export_module(
     opset: int | None = None,
     dynamic: bool = True,
     ort_fusions: bool = True,
+    dims: Dims | None = None,
 ) -> ExportReport:
-    """Export `module(**inputs)` to `path` through the shared pipeline (no verification)."""
+    """Export `module(**inputs)` to `path` through the shared pipeline (no verification).
+    `dims` are the dims a trace resolved (Program.input_dims); without them, batch and
+    sequence are dynamic."""
     names = list(inputs)
     module = module.eval()
     with torch.no_grad():
         reference = module(**inputs)
     outs = output_names(reference)
-    dynamic_shapes = _dynamic_shapes(inputs, dynamic)
+    dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
     try:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
@@ -279,21 +318,30 @@ def _cause(error: BaseException) -> str:
 
 
 def fresh_inputs(
-    example: Mapping[str, torch.Tensor], shapes: list[tuple[int, int]], seed: int = 1234
+    example: Mapping[str, torch.Tensor],
+    shapes: list[tuple[int, int]],
+    seed: int = 1234,
+    dims: Dims | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Random inputs like `example` at other (batch, sequence) sizes: integer inputs draw from
-    the example's value range (ids stay in the vocabulary, masks stay ones), floats are normal."""
+    the example's value range (ids stay in the vocabulary, masks stay ones), floats are normal.
+    Every dynamic dim (`axis_names`) moves: batch to the given batch, the others by as much
+    as the sequence moves, one size per axis."""
     g = torch.Generator().manual_seed(seed)
+    names = axis_names(example, dims)
+    first = next(iter(example.values()))
+    example_seq = int(first.shape[1]) if first.dim() > 1 else 1
     out = []
     for batch, seq in shapes:
         made = {}
         for name, t in example.items():
             size = list(t.shape)
-            dims = dynamic_dims(t)
-            if 0 in dims:
-                size[0] = batch
-            if 1 in dims:
-                size[1] = seq
+            for d in range(t.dim()):
+                axis = names.get((name, d))
+                if axis == "batch":
+                    size[d] = batch
+                elif axis is not None:
+                    size[d] = int(t.shape[d]) + seq - example_seq
             if t.is_floating_point():
                 made[name] = torch.randn(size, generator=g).to(t.dtype)
             else:
@@ -319,12 +367,14 @@ def verify(
     shapes: list[tuple[int, int]] | None = None,
     sess=None,
     inputs: list[dict[str, torch.Tensor]] | None = None,
+    dims: Dims | None = None,
 ) -> tuple[dict[str, float], str]:
     """Run onnxruntime and `reference` on fresh inputs at two new shapes (or on `inputs`);
     raise above tolerance. Returns the max absolute error per shape and the provider used."""
     sess = sess or session(path)
     errors = {}
-    for feed in inputs or fresh_inputs(example, shapes or verify_shapes(example)):
+    fresh = inputs or fresh_inputs(example, shapes or verify_shapes(example), dims=dims)
+    for feed in fresh:
         with torch.no_grad():
             expected = flat_outputs(reference(**feed))
         got = run_session(sess, feed)
@@ -406,7 +456,7 @@ def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torc
     base = pipeline.model
     inputs = _cast_inputs(pipeline.example_inputs, torch_dtype)
     with _cast_tensors(base, torch_dtype):
-        program = trace(base, inputs, training=False)
+        program = trace(base, inputs, False, pipeline.dynamic_shapes)
         state = pipeline.base_state()  # the fp16 copies, kept by the folded graph
     biases = merged_biases(assignments, pipeline.state(), torch_dtype)
     return fold_weights(program, find_sites(program), assignments, state, merged, biases)
@@ -432,7 +482,10 @@ def export_merged(
     gm = merged_module(pipeline, dtype, safe_merge)
     fp32_example = pipeline.example_inputs
     example = _cast_inputs(fp32_example, DTYPES[dtype])
-    report = export_module(gm, example, path, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions)
+    dims = pipeline.program(training=False).input_dims  # as the trace resolved them
+    report = export_module(
+        gm, example, path, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions, dims=dims
+    )
     report.dtype = dtype
     report.tolerance = TOLERANCE[dtype]
     with torch.no_grad():
@@ -443,7 +496,9 @@ def export_merged(
     )
     if check:
         shapes = verify_shapes(example) if dynamic else [_shape_of(example)]
-        report.max_errors, report.provider = verify(path, gm, example, report.tolerance, shapes)
+        report.max_errors, report.provider = verify(
+            path, gm, example, report.tolerance, shapes, dims=dims
+        )
     return report
 
 

@@ -67,6 +67,7 @@ class Pipeline:
         fuse: bool = True,
         training: bool | None = None,
         registry: Mapping[str, type] | None = None,
+        dynamic_shapes: Any = None,
     ):
         """`training` is the mode traced first (its sites are `sites`; default: the model's
         mode); the other mode is traced on first use, or reused from placement."""
@@ -77,6 +78,7 @@ class Pipeline:
             self.parse_spec(spec)
         # bound once to the forward's names: every trace, check and export reads this dict
         self.example_inputs: dict[str, Any] = bind_inputs(model, example_inputs)
+        self.dynamic_shapes = dynamic_shapes  # torch.export's, where the user states them
         self.debug = debug
         self.fuse = fuse
         self.training = model.training if training is None else training
@@ -128,7 +130,9 @@ class Pipeline:
                 "its adapted graph; placement and calibration run before it is built"
             )
         if training not in self._traces:
-            self._traces[training] = trace(self.model, self.example_inputs, training=training)
+            self._traces[training] = trace(
+                self.model, self.example_inputs, training, self.dynamic_shapes
+            )
         return self._traces[training]
 
     def sites_of(self, training: bool) -> SiteIndex:
@@ -272,7 +276,9 @@ class Pipeline:
         if not diffs or all(r.code_before is not None for r in records):
             return records
         if self._records_with_code is None:
-            program = trace(self.model, self.example_inputs, training=self._records_mode)
+            program = trace(
+                self.model, self.example_inputs, self._records_mode, self.dynamic_shapes
+            )
             passes = self.adapt_passes(program, find_sites(program))
             replay = PassManager(passes, keep_code=True)
             replay.run(program)

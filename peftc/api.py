@@ -20,6 +20,7 @@ def compile(
     calibration: Any = None,
     debug: bool | None = None,
     fuse: bool = True,
+    dynamic_shapes: Any = None,
 ) -> AdaptedModel:
     """Trace `model`, plan adapters from `spec`, and graft them into its graph.
 
@@ -28,13 +29,18 @@ def compile(
     The model is traced in its current mode; the other mode is traced on first use, or is
     the eval trace that a data-driven placement or adapter init already read.
     `fuse=False` skips the fusion passes (sibling matmuls, scale folding).
+    `dynamic_shapes` is torch.export's, by input name (`{"x": {2: Dim("time")}}`); inputs it
+    leaves out keep batch, sequence, and the free dims of rank-3 float inputs dynamic, as far
+    as the model allows. The ONNX export and its verification use the dims the trace resolved.
     `calibration` is an iterable of inputs in the same form as `example_inputs` (a dict's
     attention_mask masks padding); a `placement:` section (PLoP NFN, EVA ranks) and
     data-initialised methods (eva, corda) read it.
     """
     # the spec, placement section included, is parsed once, first: a bad spec fails before
     # anything is traced
-    pipeline = Pipeline(model, example_inputs, spec, debug=debug, fuse=fuse)
+    pipeline = Pipeline(
+        model, example_inputs, spec, debug=debug, fuse=fuse, dynamic_shapes=dynamic_shapes
+    )
     pipeline.build(calibration)
     return AdaptedModel(pipeline)
 
@@ -46,6 +52,7 @@ def from_peft(
     *,
     calibration: Any = None,
     debug: bool | None = None,
+    dynamic_shapes: Any = None,
 ) -> AdaptedModel:
     """Compile `model` with the spec equivalent to a PEFT adapter and load its weights.
 
@@ -53,7 +60,7 @@ def from_peft(
     CorDA adapter saved without conversion); data-initialised tensors that the checkpoint
     holds are loaded, not recomputed."""
     config = read_config(adapter_dir)
-    pipeline = Pipeline(model, example_inputs, debug=debug)
+    pipeline = Pipeline(model, example_inputs, debug=debug, dynamic_shapes=dynamic_shapes)
     pipeline.parse_spec(spec_from_peft(config, pipeline.sites))  # the spec follows the sites
     pipeline.build(calibration, loading=True)
     adapted = AdaptedModel(pipeline)

@@ -48,6 +48,8 @@ class Program:
     input_meta: dict[str, tuple[tuple[int | None, ...], torch.dtype]]  # None marks a dynamic dim
     training: bool
     exported: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    # per user input and dim: the trace's symbol where the dim is dynamic, None where fixed
+    input_dims: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
     # recompiles asked for inside `deferred_recompile()`, made once when it ends
     _deferring: int = field(default=0, repr=False, compare=False)
     _stale: bool = field(default=False, repr=False, compare=False)
@@ -126,6 +128,7 @@ class Program:
             mutated_buffers=list(self.mutated_buffers),
             constants=self.constants,
             input_meta=dict(self.input_meta),
+            input_dims=dict(self.input_dims),
             training=self.training,
             exported=self.exported,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -76,12 +77,65 @@ def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, An
 
 
 def dynamic_dims(t: torch.Tensor) -> tuple[int, ...]:
-    """Which dims of an input are dynamic: batch, and sequence for ids/masks/hidden states."""
+    """The dims peftc must keep dynamic by default: batch, and sequence for ids/masks."""
     if t.dim() == 0:
         return ()
-    if (not t.is_floating_point() and t.dim() >= 2) or (t.is_floating_point() and t.dim() == 3):
+    if not t.is_floating_point() and t.dim() >= 2:
         return (0, 1)
     return (0,)
+
+
+def candidate_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The dims traced as `Dim.AUTO` by default, which torch.export keeps dynamic unless the
+    model fixes them: `dynamic_dims`, and every dim of a rank-3 float input (hidden states
+    [batch, time, features] and speech features [batch, features, time] alike: the model
+    fixes the feature dim, whichever it is). Images keep their spatial dims (convolutions
+    accept any size, but what follows them often needs one)."""
+    if t.is_floating_point() and t.dim() == 3:
+        return tuple(d for d in range(3) if d == 0 or t.shape[d] >= 2)
+    return dynamic_dims(t)
+
+
+def resolved_dims(program: Program) -> dict[str, tuple[str | None, ...]]:
+    """What the trace made of each user input's dims: the symbol's name where a dim is
+    dynamic (dims that must be equal share one), None where it is fixed."""
+    out = {}
+    for slot in program.slots:
+        if slot.kind != USER_INPUT:
+            continue
+        val = program.placeholder(slot.name).meta.get("val")
+        dims = []
+        for d in getattr(val, "shape", ()):
+            expr = d.node.expr if isinstance(d, torch.SymInt) else None
+            dims.append(None if expr is None or expr.is_number else str(expr))
+        out[slot.target] = tuple(dims)
+    return out
+
+
+def declared_shapes(dynamic_shapes: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.export's `dynamic_shapes` (a dict by input name, or a tuple in the forward's
+    order) as a dict by input name."""
+    if dynamic_shapes is None:
+        return {}
+    if isinstance(dynamic_shapes, Mapping):
+        unknown = sorted(set(dynamic_shapes) - set(inputs))
+        if unknown:
+            raise TraceError(
+                f"dynamic_shapes names {unknown}, which are not inputs of this call; the "
+                f"inputs are {list(inputs)}"
+            )
+        return dict(dynamic_shapes)
+    if isinstance(dynamic_shapes, tuple | list):
+        if len(dynamic_shapes) != len(inputs):
+            raise TraceError(
+                f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(inputs)} inputs "
+                f"{list(inputs)}; give one per input, or a dict by input name"
+            )
+        return dict(zip(inputs, dynamic_shapes, strict=True))
+    raise TraceError(
+        "dynamic_shapes must be torch.export's form: a dict by input name of {dim: Dim}, "
+        f"got {type(dynamic_shapes).__name__}"
+    )
 
 
 @contextlib.contextmanager
@@ -101,7 +155,9 @@ def _tracing_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
             config.use_cache = had_cache
 
 
-def _explain_failure(model: torch.nn.Module, error: Exception) -> str:
+def _explain_failure(
+    model: torch.nn.Module, error: Exception, dynamic_shapes: Mapping | None = None
+) -> str:
     """Name the op and the model source line where tracing failed, and suggest a fix."""
     frames = traceback.extract_tb(error.__traceback__)
     user_frames = [
@@ -128,9 +184,19 @@ def _explain_failure(model: torch.nn.Module, error: Exception) -> str:
             "this op cannot be exported; move it out of forward or replace it with a supported op."
         )
     elif "dynamic" in lowered or "constraint" in lowered or "specializ" in lowered:
+        violated = re.search(r"Constraints violated \(([^)]*)\)", str(error))
+        dim_names = {n.strip() for n in violated.group(1).split(",")} if violated else set()
+        named = [
+            f"input {name!r} dim {d}"
+            for name, dims in (dynamic_shapes or {}).items()
+            if isinstance(dims, Mapping)
+            for d, dim in dims.items()
+            if getattr(dim, "__name__", None) in dim_names
+        ]
+        fixed = f"the model fixes {', '.join(named)}" if named else "the model fixes a size"
         fix = (
-            "the model fixes a batch or sequence size. Pass example inputs with batch >= 2 and "
-            "sequence >= 2, or make the size a function of the input shape."
+            f"{fixed}. Declare only the dims it leaves free in dynamic_shapes (or leave it to "
+            "peftc's default), and pass example inputs with batch >= 2 and sequence >= 2."
         )
     else:
         fix = (
@@ -143,26 +209,43 @@ def _explain_failure(model: torch.nn.Module, error: Exception) -> str:
     )
 
 
-def trace(model: torch.nn.Module, example_inputs: Any, training: bool = True) -> Program:
-    """Export `model` on `example_inputs` into a Program (lifted ATen training IR)."""
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    training: bool = True,
+    dynamic_shapes: Any = None,
+) -> Program:
+    """Export `model` on `example_inputs` into a Program (lifted ATen training IR).
+
+    `dynamic_shapes` is torch.export's (by input name); inputs it does not name get
+    `candidate_dims` as `Dim.AUTO`. The Program records the dims as the trace resolved them
+    (`input_dims`, and None in `input_meta` where a dim is dynamic), which every later check
+    and the ONNX export read."""
     inputs = bind_inputs(model, example_inputs)
-    dynamic_shapes = {}
-    input_meta = {}
+    declared = declared_shapes(dynamic_shapes, inputs)
+    shapes = {}
     for name, t in inputs.items():
-        dims = dynamic_dims(t)
-        for d in dims:
+        if name in declared:
+            shapes[name] = declared[name]
+            continue
+        for d in dynamic_dims(t):
             if t.shape[d] < 2:
                 raise TraceError(
                     f"input {name!r} has size {t.shape[d]} in dim {d}, which peftc keeps dynamic "
                     "(batch or sequence); torch.export would fix it to 1. Trace with batch >= 2 "
                     "and sequence >= 2; the model then runs at any size."
                 )
-        dynamic_shapes[name] = {d: Dim.AUTO for d in dims}
-        input_meta[name] = (
-            tuple(None if i in dims else s for i, s in enumerate(t.shape)),
+        shapes[name] = {d: Dim.AUTO for d in candidate_dims(t)}
+    program = export_program(model, inputs, shapes, {}, training)
+    program.input_dims = resolved_dims(program)
+    program.input_meta = {
+        name: (
+            tuple(None if sym is not None else s for sym, s in zip(dims, t.shape, strict=True)),
             t.dtype,
         )
-    program = export_program(model, inputs, dynamic_shapes, input_meta, training)
+        for name, t in inputs.items()
+        for dims in [program.input_dims[name]]
+    }
     canonicalize_linears(program)  # x @ W.T and its kin become linear sites
     return program
 
@@ -180,7 +263,7 @@ def export_program(
         with _tracing_mode(model, training):
             ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; all mean "untraceable"
-        raise TraceError(_explain_failure(model, e)) from e
+        raise TraceError(_explain_failure(model, e, dynamic_shapes)) from e
     return _program_from_export(ep, list(inputs), input_meta, training)
 
 
@@ -253,7 +336,14 @@ def check_inputs(program: Program, inputs: Mapping[str, Any]) -> None:
             raise TypeError(f"input {name!r} must be a tensor, got {type(t).__name__}")
         if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
             want = "x".join("*" if s is None else str(s) for s in shape)
+            fixed = [
+                f"dim {d} is {a}, fixed at {s}"
+                for d, (s, a) in enumerate(zip(shape, t.shape))
+                if s is not None and s != a
+            ]
+            why = f": {'; '.join(fixed)}" if t.dim() == len(shape) else f": rank {t.dim()}"
             raise ValueError(
                 f"input {name!r} has shape {tuple(t.shape)}, expected {want} "
-                "(* marks a dynamic dim). Re-compile with example inputs of this shape."
+                f"(* marks a dynamic dim){why}. Re-compile with example inputs of this shape, "
+                "or declare the dim in dynamic_shapes if the model allows it."
             )

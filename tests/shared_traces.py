@@ -74,7 +74,7 @@ class SharedTraces:
         if not self.enabled:
             return self.export(model, inputs, dynamic_shapes, input_meta, training)
         try:
-            key = fingerprint(model, inputs, training)
+            key = (fingerprint(model, inputs, training), repr(dynamic_shapes))
             hash(key)
         except Exception:  # an attribute that cannot be compared: trace as usual
             return self.export(model, inputs, dynamic_shapes, input_meta, training)
