@@ -33,7 +33,8 @@ def example_like(val: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[t
     """A meta tensor shaped like a graph value, and the dynamic-shape spec of its symbolic dims."""
     sizes, dynamic = [], {}
     for i, d in enumerate(val.shape):
-        if isinstance(d, torch.SymInt):
+        # a SymInt the trace fixed (a Dim.AUTO the model specialised) is a number: static
+        if isinstance(d, torch.SymInt) and not d.node.expr.is_number:
             hint = d.node.hint
             sizes.append(int(hint) if hint is not None and int(hint) >= 2 else 3)
             dynamic[i] = Dim.AUTO

@@ -90,7 +90,7 @@ def create_adapter_tensors(
 
 def anonymous_site(site: Site) -> Site:
     """`site` with the fields that say where it is (path, layer, module type and class, weight
-    name, sibling group, output head) blanked: what an adapter forward is traced with. No forward needs
+    and bias names, sibling group, output head) blanked: what an adapter forward is traced with. No forward needs
     them, and handing it only this makes `_snippet_key` complete by construction."""
     return dataclasses.replace(
         site,
@@ -102,6 +102,7 @@ def anonymous_site(site: Site) -> Site:
         module_class="",
         output_head=False,
         transposed=False,  # the snippet reads W through the graph's t(W): [out, in] either way
+        bias=None if site.bias is None else "",  # whether a bias exists (has_bias), not its name
     )
 
 
