@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import re
 import traceback
 from collections.abc import Iterator, Mapping
@@ -110,6 +111,68 @@ def resolved_dims(program: Program) -> dict[str, tuple[str | None, ...]]:
             dims.append(None if expr is None or expr.is_number else str(expr))
         out[slot.target] = tuple(dims)
     return out
+
+
+def _held_only_at_trace_size(
+    program: Program, model: torch.nn.Module, inputs: Mapping[str, Any], declared: Mapping
+) -> list[tuple[str, int]]:
+    """The offered dims (candidate_dims beyond dynamic_dims, not the user's) that the graph
+    left dynamic but cannot run at another size: each is tried at its size + 1 on fake
+    tensors (shapes only, no compute, the model's state untouched)."""
+    dims = resolved_dims(program)
+    offered = [
+        (name, d)
+        for name, t in inputs.items()
+        if name not in declared
+        for d in set(candidate_dims(t)) - set(dynamic_dims(t))
+        if dims[name][d] is not None
+    ]
+    if not offered:
+        return []
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    # the propagation writes each node's meta; the trace's own (symbolic) values come back
+    metas = {node: dict(node.meta) for node in program.graph.nodes}
+    fixed = []
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    was_disabled, quiet.disabled = quiet.disabled, True  # a refused size is the answer here
+    try:
+        for name, d in offered:
+            if not _runs_at(program, inputs, state, name, d):
+                fixed.append((name, d))
+    finally:
+        quiet.disabled = was_disabled
+        for node, meta in metas.items():
+            node.meta.clear()
+            node.meta.update(meta)
+    return fixed
+
+
+def _runs_at(
+    program: Program, inputs: Mapping[str, Any], state: Mapping[str, Any], name: str, d: int
+) -> bool:
+    """Whether the graph propagates fake tensors with input `name`'s dim `d` one larger."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    args = []
+    for slot in program.slots:
+        if slot.kind == USER_INPUT:
+            t = inputs[slot.target]
+            size = list(t.shape)
+            if slot.target == name:
+                size[d] += 1
+            args.append(mode.from_tensor(torch.empty(size, dtype=t.dtype)))
+        elif slot.kind == CONSTANT:
+            args.append(mode.from_tensor(program.constants[slot.target]))
+        else:
+            args.append(mode.from_tensor(state[slot.target]))
+    try:
+        FakeTensorProp(program.graph_module, mode).propagate_dont_convert_inputs(*args)
+    except Exception:  # any op refusing the size: the dim is fixed after all
+        return False
+    return True
 
 
 def declared_shapes(dynamic_shapes: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,6 +300,13 @@ def trace(
                 )
         shapes[name] = {d: Dim.AUTO for d in candidate_dims(t)}
     program = export_program(model, inputs, shapes, {}, training)
+    # dims offered beyond batch and sequence that the graph only accepts at their traced size
+    # (the model fixes them through a split or a reshape, which torch.export keeps symbolic)
+    fixed = _held_only_at_trace_size(program, model, inputs, declared)
+    if fixed:
+        for name, d in fixed:
+            shapes[name] = {k: v for k, v in shapes[name].items() if k != d}
+        program = export_program(model, inputs, shapes, {}, training)
     program.input_dims = resolved_dims(program)
     program.input_meta = {
         name: (
