@@ -141,7 +141,7 @@ class AdaptedModel(torch.nn.Module):
         `compile_for_training(activation_checkpointing=True)` does (it has no layers to pick
         from, so `every_n_layers` only warns). A compiled graph is compiled again with it."""
         if offload:
-            raise NotImplementedError(
+            raise ValueError(
                 "peftc checkpoints activations by recomputing them, not by offloading them; "
                 "drop offload from the activation checkpointing options"
             )
