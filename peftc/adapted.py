@@ -125,6 +125,7 @@ class AdaptedModel(torch.nn.Module):
         from lowering.inductor import compile_pipeline
 
         activation_checkpointing = activation_checkpointing or self.pipeline.checkpointing
+        self.pipeline.checkpointing = activation_checkpointing
         compile_pipeline(self.pipeline, mode, dynamic, activation_checkpointing)
         self._compile_options = {"mode": mode, "dynamic": dynamic}
         return self
@@ -139,7 +140,8 @@ class AdaptedModel(torch.nn.Module):
     ) -> None:
         """Recompute the training graph's forward in the backward: the whole graph, as
         `compile_for_training(activation_checkpointing=True)` does (it has no layers to pick
-        from, so `every_n_layers` only warns). A compiled graph is compiled again with it."""
+        from, so `every_n_layers` only warns; the recompute is non-reentrant, whatever
+        `activation_checkpointing_kwargs` say). A compiled graph is compiled again with it."""
         if offload:
             raise ValueError(
                 "peftc checkpoints activations by recomputing them, not by offloading them; "
