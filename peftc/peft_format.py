@@ -43,7 +43,7 @@ def _absolute(site, suffix: str) -> str:
 
 def key_suffixes(method, site) -> dict[str, str]:
     """Adapter tensor name -> checkpoint key suffix at `site`."""
-    record = _record(type(method))
+    record = record_of(type(method))
     if record.keys_are_names:
         return {name: name for name in method.params(site)}
     keys = record.keys_by_op.get(site.op, record.keys)
@@ -57,12 +57,8 @@ def peft_key(method, site, name: str) -> str:
 def peft_aliases(method, site) -> dict[str, list[str]]:
     """Extra keys under which PEFT checkpoints repeat a tensor (RandLoRA saves its shared
     bases once per layer too). Written on save, accepted on load."""
-    aliases = _record(type(method)).aliases
+    aliases = record_of(type(method)).aliases
     return {name: [_absolute(site, k) for k in keys] for name, keys in aliases.items()}
-
-
-def _record(cls: type):
-    return record_of(cls)
 
 
 def claims(cls: type, config: dict) -> bool:
@@ -72,7 +68,7 @@ def claims(cls: type, config: dict) -> bool:
 
 def hyperparams_from_peft(cls: type, config: dict) -> dict:
     """The method's hyperparameters that a PEFT config gives every module."""
-    record = _record(cls)
+    record = record_of(cls)
     out = {}
     for name, f in record.fields.items():
         if f.from_config is not None:
@@ -85,7 +81,7 @@ def hyperparams_from_peft(cls: type, config: dict) -> dict:
 
 def overrides_from_peft(cls: type, config: dict, path: str) -> dict:
     """The hyperparameters that the config's per-module patterns give the module at `path`."""
-    record = _record(cls)
+    record = record_of(cls)
     out = {}
     for name, f in record.fields.items():
         if f.pattern is not None:
@@ -97,10 +93,10 @@ def overrides_from_peft(cls: type, config: dict, path: str) -> dict:
 
 def peft_config(assignments: list) -> dict:
     """The adapter_config.json of one method's assignments."""
-    record = _record(type(assignments[0].method))
+    record = record_of(type(assignments[0].method))
     if record.saved_as is not None:
         assignments = [replace(a, method=record.saved_as(a.method)) for a in assignments]
-        record = _record(type(assignments[0].method))
+        record = record_of(type(assignments[0].method))
     config: dict[str, Any] = {"peft_type": record.peft_type}
     for name, f in record.fields.items():
         values = [getattr(a.method, name) for a in assignments]
