@@ -26,6 +26,15 @@ class OneLayer:
             for k, v in self.adapted.named_adapter_parameters().items()
         }
 
+    def merged_weight(self) -> torch.Tensor:
+        """The merge pass's weight for the layer, in the logical [out, in] layout (an addmm
+        site, GPT-2's Conv1D, stores it [in, out])."""
+        from passes.merge import merged_weights
+
+        (a,) = self.adapted.plan.assignments
+        merged = merged_weights([a], self.adapted.state())[a.site.path]
+        return merged.T if a.site.stored_in_out else merged
+
     def out(self, x: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             return self.adapted(self.x if x is None else x)

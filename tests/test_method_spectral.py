@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import peftc
-from passes.merge import merged_weights
 from tests.oracle import TOL, OneLayer, one_conv1d, one_linear, perturbed
 
 
@@ -23,9 +22,7 @@ def check_forward_and_merge(one: OneLayer, W: torch.Tensor) -> None:
     expected = one.x @ W_new.T + b
     assert (expected - one.base_out()).abs().max() > 1e-3  # a visible update
     torch.testing.assert_close(one.out(), expected, atol=TOL, rtol=TOL)
-    merged = merged_weights(one.adapted.plan.assignments, one.adapted.state())["0"]
-    if merged.shape != W.shape:  # addmm: stored [in, out]
-        merged = merged.T
+    merged = one.merged_weight()
     torch.testing.assert_close(merged, W_new, atol=TOL, rtol=TOL)
 
 
