@@ -220,9 +220,13 @@ class Pipeline:
 
     # -- graphs -----------------------------------------------------------------------------
 
-    def adapt_passes(self, program: Program, sites: SiteIndex) -> list[Pass]:
-        """The ADAPT pipeline for one mode's trace (ADAPT_UNFUSED with fuse=False)."""
-        passes: list[Pass] = [insert_adapters(program, sites, self._plan().assignments)]
+    def adapt_passes(
+        self, program: Program, sites: SiteIndex, assignments: list | None = None
+    ) -> list[Pass]:
+        """The ADAPT pipeline for one mode's trace (ADAPT_UNFUSED with fuse=False); the plan's
+        assignments unless `assignments` (the same plan on another trace's sites) are given."""
+        chosen = self._plan().assignments if assignments is None else assignments
+        passes: list[Pass] = [insert_adapters(program, sites, chosen)]
         if self.fuse:
             passes += [fold_scale(), FuseSiblings()]
         return [*passes, Cleanup()]

@@ -1,6 +1,12 @@
-"""Data-parallel training (peftc.distributed.replicate) with two CPU processes on gloo: each
-step's loss is the single-process loss on the whole batch, and the adapter saved once by the
-ranks is the single-process one, which PEFT loads (fp32: 1e-5 relative)."""
+"""Training on two CPU processes over gloo: DDP (`peftc.distributed.replicate`) and FSDP2
+(`peftc.distributed.fully_shard`, per block; eager, with per-block activation checkpointing
+and Inductor compile, and with bf16 mixed precision).
+
+One spawn runs every variant (each rank trains on its half of a fixed global batch); the
+tests compare what the ranks wrote with a single process on the whole batch: each step's loss
+within 1e-5 relative in fp32 (bf16 compute: 3e-2, its 8-bit mantissa over five steps), the
+adapter saved once by the ranks whole and loadable into PEFT with the single process's
+outputs, and each rank's share of the sharded base weights half of the whole."""
 
 import copy
 from pathlib import Path
@@ -11,12 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from peft import PeftModel
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import peftc
 from tests.models import tiny_llama, token_inputs
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "rank": 4}]}
-WORLD, STEPS, TOL = 2, 5, 1e-5
+WORLD, STEPS, TOL, BF16_TOL = 2, 5, 1e-5, 3e-2
+EVAL = token_inputs(3, 11, seed=8)
 
 
 def batch() -> dict:
@@ -28,7 +36,7 @@ def train(model, params, inputs: dict) -> list[float]:
     losses = []
     for _ in range(STEPS):
         logits, ids = model(**inputs).logits, inputs["input_ids"]  # next-token loss, mean
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -36,55 +44,152 @@ def train(model, params, inputs: dict) -> list[float]:
     return losses
 
 
+def adapted(layers: int = 2) -> torch.nn.Module:
+    return peftc.compile(tiny_llama(layers=layers), SPEC, token_inputs()).train()
+
+
 def _rank(rank: int, init: str, out: str) -> None:
+    from tests import shared_traces
+
+    shared_traces.install()  # each variant compiles the same model: trace it once per rank
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    out_dir = Path(out)
+    half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch().items()}
+    results = {}
     try:
-        adapted = peftc.compile(tiny_llama(layers=1), SPEC, token_inputs()).train()
-        half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch().items()}
-        model = peftc.distributed.replicate(adapted)
-        losses = train(model, adapted.trainable_parameters(), half)
-        torch.save(losses, Path(out) / f"losses{rank}.pt")
-        peftc.distributed.save_adapter(model, str(Path(out) / "adapter"))
+        model = peftc.distributed.replicate(adapted())
+        results["ddp"] = train(model, model.module.trainable_parameters(), half)
+        peftc.distributed.save_adapter(model, str(out_dir / "ddp"))
+
+        sharded = peftc.distributed.fully_shard(adapted())
+        base = sharded.adapted.base.parameters
+        results["base_numel"] = [
+            sum(p.to_local().numel() for p in base()),
+            sum(p.numel() for p in base()),
+        ]
+        results["fsdp"] = train(sharded, sharded.trainable_parameters(), half)
+        peftc.distributed.save_adapter(sharded, str(out_dir / "fsdp"))
+        with torch.no_grad():
+            results["fsdp_eval"] = sharded.eval()(**EVAL).logits
+        again = peftc.distributed.fully_shard(adapted())  # a fresh one, from the checkpoint
+        peftc.distributed.load_adapter(again, str(out_dir / "fsdp"))
+        with torch.no_grad():
+            results["loaded_eval"] = again.eval()(**EVAL).logits
+
+        recomputed = peftc.distributed.fully_shard(adapted(1), activation_checkpointing=True)
+        calls = []
+        recomputed.blocks[0].pieces["train"].register_forward_pre_hook(lambda *_: calls.append(1))
+        results["checkpointed"] = train(recomputed, recomputed.trainable_parameters(), half)
+        results["piece_runs_per_step"] = len(calls) / STEPS
+        torch._dynamo.reset()
+        fast = peftc.distributed.fully_shard(
+            adapted(1), activation_checkpointing=True, compile=True
+        )
+        results["compiled"] = train(fast, fast.trainable_parameters(), half)
+        results["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mixed = peftc.distributed.fully_shard(adapted(1), mp_policy=bf16)
+        results["mixed"] = train(mixed, mixed.trainable_parameters(), half)
+        results["mixed_dtypes"] = sorted(
+            {str(p.dtype) for p in mixed.trainable_parameters()}
+            | {str(p.grad.dtype) for p in mixed.trainable_parameters()}
+        )
+        with torch.no_grad():
+            results["mixed_logits_dtype"] = str(mixed(**EVAL).logits.dtype)
+        torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+    out = tmp_path_factory.mktemp("distributed")
     mp.spawn(_rank, args=(f"file://{out}/rendezvous", str(out)), nprocs=WORLD, join=True)
-    return out
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def test_each_step_is_the_whole_batch_step(ranks):
-    single = peftc.compile(tiny_llama(layers=1), SPEC, token_inputs()).train()
-    expected = train(single, single.trainable_parameters(), batch())
+@pytest.fixture(scope="module")
+def single():
+    """The single-process runs on the whole batch (2 and 1 layers), and the trained 2-layer
+    model."""
+    model, one = adapted(), adapted(1)
+    return {
+        "2": train(model, model.trainable_parameters(), batch()),
+        "1": train(one, one.trainable_parameters(), batch()),
+        "model": model.eval(),
+    }
+
+
+def _mean_over_ranks(results: list[dict], key: str) -> torch.Tensor:
+    assert results[0][key] != results[1][key]  # each rank saw its own half
+    return torch.tensor(
+        [sum(step) / WORLD for step in zip(*(r[key] for r in results), strict=True)]
+    )
+
+
+@pytest.mark.parametrize("variant", ["ddp", "fsdp"])
+def test_each_step_is_the_whole_batch_step(ranks, single, variant):
+    expected = torch.tensor(single["2"])
     assert expected[-1] < expected[0]  # it trains
-    per_rank = [torch.load(ranks / f"losses{r}.pt") for r in range(WORLD)]
-    assert per_rank[0] != per_rank[1]  # each rank saw its own half
-    got = [sum(step) / WORLD for step in zip(*per_rank, strict=True)]
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=TOL, atol=0)
+    got = _mean_over_ranks(ranks[1], variant)
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=0)
 
 
-def test_the_saved_adapter_is_whole_and_loads_into_peft(ranks):
-    assert sorted(p.name for p in (ranks / "adapter").iterdir()) == [
+@pytest.mark.parametrize("variant", ["checkpointed", "compiled"])
+def test_checkpointed_and_compiled_blocks_step_like_one_eager_process(ranks, single, variant):
+    """Per-block activation checkpointing (eager, and with Inductor compile) under FSDP2, on a
+    1-layer model so that one block compiles: the losses of one eager process on the whole
+    batch; the eager block's piece runs twice a step (forward, recompute), the compiled one
+    was compiled."""
+    got = _mean_over_ranks(ranks[1], variant)
+    torch.testing.assert_close(got, torch.tensor(single["1"]), rtol=TOL, atol=0)
+    for r in ranks[1]:
+        assert r["piece_runs_per_step"] == 2
+        assert r["compiled_graphs"] >= 1
+
+
+@pytest.mark.parametrize("variant", ["ddp", "fsdp"])
+def test_the_saved_adapter_is_whole_and_loads_into_peft(ranks, single, variant):
+    out, _ = ranks
+    assert sorted(p.name for p in (out / variant).iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    base = tiny_llama(layers=1)
-    single = peftc.compile(copy.deepcopy(base), SPEC, token_inputs()).train()
-    train(single, single.trainable_parameters(), batch())
-    single.eval()
-    theirs = PeftModel.from_pretrained(copy.deepcopy(base), ranks / "adapter").eval()
-    x = token_inputs(3, 11, seed=8)
+    base = tiny_llama(layers=2)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), out / variant).eval()
     with torch.no_grad():
-        ours = single(**x).logits
-        assert (ours - base(**x).logits).abs().max() > 1e-3
-        torch.testing.assert_close(theirs(**x).logits, ours, rtol=TOL, atol=TOL)
+        ours = single["model"](**EVAL).logits
+        assert (ours - base(**EVAL).logits).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(**EVAL).logits, ours, rtol=TOL, atol=TOL)
+
+
+def test_sharded_eval_and_load_adapter_give_the_single_process_outputs(ranks, single):
+    with torch.no_grad():
+        ours = single["model"](**EVAL).logits
+    for r in ranks[1]:
+        torch.testing.assert_close(r["fsdp_eval"], ours, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(r["loaded_eval"], ours, rtol=TOL, atol=TOL)
+
+
+def test_each_rank_holds_half_the_base_weights(ranks):
+    for r in ranks[1]:
+        local, whole = r["base_numel"]
+        assert local == whole // WORLD
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters_and_gradients(ranks, single):
+    results = ranks[1]
+    got = _mean_over_ranks(results, "mixed")
+    torch.testing.assert_close(got, torch.tensor(single["1"]), rtol=BF16_TOL, atol=0)
+    for r in results:
+        assert r["mixed_dtypes"] == ["torch.float32"]  # sharded adapters and their gradients
+        assert r["mixed_logits_dtype"] == "torch.bfloat16"  # computed in bf16
 
 
 def test_without_a_process_group_the_error_says_how_to_start_one():
-    adapted = peftc.compile(tiny_llama(layers=1), SPEC, token_inputs())
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        peftc.distributed.replicate(adapted)
+    model = adapted(1)
+    for wrap in (peftc.distributed.replicate, peftc.distributed.fully_shard):
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            wrap(model)
