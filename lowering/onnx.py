@@ -53,6 +53,7 @@ class ExportReport:
     tolerance: float = 0.0
     drift: float | None = None  # max |merged - unmerged|, both in PyTorch
     provider: str = ""
+    quantized: str | None = None  # the unmerged model's quantized base ("nf4", "int8"), if any
 
     def summary(self) -> str:
         errors = ", ".join(f"{shape}: {err:.2e}" for shape, err in self.max_errors.items())
@@ -66,7 +67,12 @@ class ExportReport:
         if fused:
             lines.append("ort fusions: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
         if self.drift is not None:
-            lines.append(f"merge drift vs unmerged model: max {self.drift:.2e}")
+            against = (
+                f"the quantized ({self.quantized}) training model"
+                if self.quantized
+                else "unmerged model"
+            )
+            lines.append(f"merge drift vs {against}: max {self.drift:.2e}")
         return "\n".join(lines)
 
 
@@ -452,13 +458,14 @@ def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torc
         return pipeline.merge(safe_merge=safe_merge)
     torch_dtype = DTYPES[dtype]
     assignments = pipeline.plan.assignments
-    merged = merged_weights(assignments, pipeline.state(), safe_merge, torch_dtype)
+    dense = pipeline.dense_state()  # a quantized base: dequantized in fp32, merged, cast once
+    merged = merged_weights(assignments, dense, safe_merge, torch_dtype)
     base = pipeline.model
     inputs = _cast_inputs(pipeline.example_inputs, torch_dtype)
-    with _cast_tensors(base, torch_dtype):
+    with pipeline.dense_base(), _cast_tensors(base, torch_dtype):
         program = trace(base, inputs, False, pipeline.dynamic_shapes)
         state = pipeline.base_state()  # the fp16 copies, kept by the folded graph
-    biases = merged_biases(assignments, pipeline.state(), torch_dtype)
+    biases = merged_biases(assignments, dense, torch_dtype)
     return fold_weights(program, find_sites(program), assignments, state, merged, biases)
 
 
@@ -488,6 +495,8 @@ def export_merged(
     )
     report.dtype = dtype
     report.tolerance = TOLERANCE[dtype]
+    kinds = sorted({r.kind for r in pipeline.quantized_weights.values()})
+    report.quantized = "+".join(kinds) or None
     with torch.no_grad():
         unmerged = flat_outputs(pipeline.run(False, fp32_example))  # the eval graph, unmerged
         merged = flat_outputs(gm(**example))

@@ -18,9 +18,10 @@ AdaptedModel), never an AdaptedModel's private fields.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,12 +34,23 @@ from passes.adapters.registry import methods
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
 from passes.merge import MergeAdapters, merged_biases, merged_weights
+from passes.quantize import (
+    DequantizeBase,
+    QuantizeBase,
+    QuantStore,
+    quantize_parameters,
+    state_name,
+    target_sites,
+)
+from rewrite.bnb_layers import read_bnb_layers
 from rewrite.capture import capture_site_inputs
+from rewrite.codec import QuantizedWeight, dequantize
 from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
+from rewrite.quantize_config import QuantizeSpecError, parse_quantize
 from rewrite.sites import SiteIndex, find_sites, mark_output_head
-from rewrite.spec import AdaptationSpec, load_spec
+from rewrite.spec import AdaptationSpec, SpecError, load_spec
 from rewrite.trace import bind_inputs, check_inputs, trace
 from rewrite.unlift import unlift
 from rewrite.values import refresh_values
@@ -47,6 +59,8 @@ from rewrite.values import refresh_values
 ADAPT = ("insert_adapters", "fold_scale", "fuse_siblings", "cleanup")  # train and eval graphs
 ADAPT_UNFUSED = ("insert_adapters", "cleanup")  # fuse=False
 MERGE = ("merge_adapters", "cleanup")  # the eval graph with every adapter folded in
+# with a quantized base (spec `quantize:`, or a bitsandbytes model), each pipeline starts with
+# the quantize rewrite (ADAPT) or its inverse (MERGE): "quantize_base" / "dequantize_base"
 
 
 class Pipeline:
@@ -68,12 +82,23 @@ class Pipeline:
         training: bool | None = None,
         registry: Mapping[str, type] | None = None,
         dynamic_shapes: Any = None,
+        quantize: Any = None,
     ):
         """`training` is the mode traced first (its sites are `sites`; default: the model's
-        mode); the other mode is traced on first use, or reused from placement."""
+        mode); the other mode is traced on first use, or reused from placement.
+        `quantize` overrides the spec's `quantize:` section (same values). bitsandbytes layers
+        of `model` are read here, before anything is traced (the model is changed in place)."""
         self.model = model
         self.registry = methods() if registry is None else registry
         self.spec: AdaptationSpec | None = None
+        try:
+            self.quantize_option = parse_quantize(quantize)
+        except QuantizeSpecError as e:
+            raise SpecError(str(e)) from None
+        # the quantized base: weight name -> its record, and the packed tensors as buffers
+        self.quantized = QuantStore()
+        self.quantized_weights: dict[str, QuantizedWeight] = {}
+        self._from_bnb = bool(self._store(read_bnb_layers(model)))
         if spec is not None:
             self.parse_spec(spec)
         # bound once to the forward's names: every trace, check and export reads this dict
@@ -101,7 +126,15 @@ class Pipeline:
 
     def parse_spec(self, source: Any) -> AdaptationSpec:
         """Read and validate the spec, its placement section included: the one parse."""
-        self.spec = load_spec(source, self.registry, parse_placement=parse_placement)
+        spec = load_spec(source, self.registry, parse_placement=parse_placement)
+        if self.quantize_option is not None:
+            spec = dataclasses.replace(spec, quantize=self.quantize_option)
+        if spec.quantize is not None and self._from_bnb:
+            raise SpecError(
+                "the model's layers are already quantized by bitsandbytes; drop quantize "
+                "(peftc reads their NF4/int8 state as it is)"
+            )
+        self.spec = spec
         return self.spec
 
     @property
@@ -155,10 +188,79 @@ class Pipeline:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Every tensor the graphs read, by name: base parameters and buffers, then adapters."""
+        """Every tensor the graphs read, by name: base parameters and buffers, the packed
+        weights of a quantized base, then adapters."""
         out = self.base_state()
+        if self.quantized_weights:
+            out.update((f"quantized.{n}", b) for n, b in self.quantized.named_buffers())
         out.update(self.adapter_parameters())
         return out
+
+    # -- a quantized base ---------------------------------------------------------------
+
+    def _store(self, records: Mapping[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+        for weight, record in records.items():
+            for tensor_name, tensor in record.tensors.items():
+                self.quantized.add(state_name(weight, tensor_name)[len("quantized.") :], tensor)
+            self.quantized_weights[weight] = record
+        return dict(records)
+
+    def _quantize_base(self) -> None:
+        """Quantize the base weights the spec's `quantize:` section selects (after the adapter
+        inits, which read the full-precision weights)."""
+        config = self._spec().quantize
+        if config is None:
+            return
+        adapted = {a.site.path for a in self._plan()}
+        sites = target_sites(config, self.sites, adapted)
+        self._store(quantize_parameters(self.model, config, sites))
+
+    def dense_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Each quantized base weight dequantized (in fp32, then cast once to `dtype`, default
+        its own dtype): made on each call, for merging, placement and inits; never kept."""
+        with torch.no_grad():
+            return {
+                name: dequantize(record, torch.float32).to(dtype or record.dtype)
+                for name, record in self.quantized_weights.items()
+            }
+
+    @contextlib.contextmanager
+    def dense_base(self) -> Iterator[None]:
+        """Put the dequantized weights into the base model's parameters for the duration (a
+        trace that must see real values: the fp16 export); the shape holders come back after."""
+        dense = self.dense_weights()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        saved = []
+        for module in self.model.modules():
+            for leaf, param in list(module._parameters.items()):
+                for name, value in dense.items():
+                    if param is params[name]:
+                        saved.append((module, leaf, param))
+                        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        try:
+            yield
+        finally:
+            for module, leaf, param in saved:
+                module._parameters[leaf] = param
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """`state()` with every quantized weight dequantized under its own name."""
+        return {**self.state(), **self.dense_weights()}
+
+    def base_weight_bytes(self, quantized_only: bool = False) -> int:
+        """Bytes the base weights hold: with `quantized_only`, those of the quantized layers
+        (codes and scales); else every base parameter and buffer too (each storage once)."""
+        packed = sum(r.nbytes() for r in self.quantized_weights.values())
+        if quantized_only:
+            return packed
+        seen: set[int] = set()
+        total = 0
+        for t in self.base_state().values():
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total + packed
 
     def adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The adapter tensors by their graph names (`adapters.<site>.<name>`)."""
@@ -178,7 +280,8 @@ class Pipeline:
         scoring = self.traced(self.training)
         if calibration is not None and wants_scores(spec.placement):
             scoring = self.traced(False)  # NFN/EVA without dropout
-        self.plan = place(spec, self.sites, self.registry, scoring, self.base_state(), calibration)
+        weights = {**self.base_state(), **self.dense_weights()}  # a bnb base, dequantized
+        self.plan = place(spec, self.sites, self.registry, scoring, weights, calibration)
         return self.plan
 
     def build(self, calibration: Iterable[Any] | None = None, loading: bool = False) -> None:
@@ -192,12 +295,13 @@ class Pipeline:
         captured = None if batches is None else self._calibrate(batches)
         create_adapter_tensors(
             plan.assignments,
-            self.state(),
+            self.dense_state(),
             self.adapters,
             self._spec().seed,
             captured,
             loading=loading,
         )
+        self._quantize_base()
         self.program(self.training)
 
     def _calibrate(self, batches: list[Mapping[str, torch.Tensor]]) -> dict | None:
@@ -209,7 +313,7 @@ class Pipeline:
         captured: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
         capture_site_inputs(
             self.traced(False),
-            self.state(),
+            self.dense_state(),
             self.sites_of(False),
             paths,
             batches,
@@ -229,19 +333,23 @@ class Pipeline:
         passes: list[Pass] = [insert_adapters(program, sites, chosen)]
         if self.fuse:
             passes += [fold_scale(), FuseSiblings()]
+        if self.quantized_weights:
+            passes.insert(0, QuantizeBase(self.quantized_weights, self.state()))
         return [*passes, Cleanup()]
 
     def merge_passes(
         self, state: Mapping[str, torch.Tensor], safe_merge: bool = True
     ) -> tuple[list[Pass], MergeAdapters]:
-        """The MERGE pipeline, and its merge pass (whose `state` holds the merged weights)."""
+        """The MERGE pipeline, and its merge pass (whose `state` holds the merged weights).
+        With a quantized base, `state` must hold the dequantized weights (`dense_state`)."""
         assignments = self._plan().assignments
         merge = MergeAdapters(
             assignments,
             merged_weights(assignments, state, safe_merge),
             merged_biases(assignments, state),
         )
-        return [merge, Cleanup()], merge
+        first = [DequantizeBase()] if self.quantized_weights else []
+        return [*first, merge, Cleanup()], merge
 
     def program(self, training: bool | None = None, values: bool = False) -> Program:
         """The adapted graph of a mode, built on first use from that mode's trace.
@@ -306,7 +414,7 @@ class Pipeline:
     def merge(self, safe_merge: bool = True) -> torch.fx.GraphModule:
         """A GraphModule (eval mode) with every adapter folded into its base weight."""
         program = self.program(training=False).clone()
-        state = self.state()
+        state = self.dense_state()  # a quantized base: dequantized in fp32, cast once
         passes, merge = self.merge_passes(state, safe_merge)
         PassManager(passes, debug=self.debug).run(program)
         with torch.no_grad():

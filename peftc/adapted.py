@@ -21,6 +21,7 @@ import torch
 from cost_model.plan import Plan
 from passes.pipeline import Pipeline
 from peftc.gradient_check import DeadAdapterWarning, GradientCheck, dead_adapters
+from rewrite.dequant import recompute_dequantized
 from rewrite.passes import PassRecord
 from rewrite.program import Program
 from rewrite.sites import SiteIndex
@@ -49,6 +50,7 @@ class AdaptedModel(torch.nn.Module):
         # parameters(), state_dict() and .to() cover the base and the adapters
         self.base = pipeline.model
         self.adapters = pipeline.adapters
+        self.quantized = pipeline.quantized  # a quantized base's packed weights (buffers)
         self._gradient_check = GradientCheck(pipeline)
         self.train(pipeline.model.training)
 
@@ -93,7 +95,13 @@ class AdaptedModel(torch.nn.Module):
     # -- calling ------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.pipeline.run(self.training, bind_call(self.base, args, kwargs))
+        inputs = bind_call(self.base, args, kwargs)
+        if self.pipeline.quantized_weights:
+            # autograd keeps how to dequantize each base weight, not the weight (rewrite/dequant.py)
+            with recompute_dequantized():
+                out = self.pipeline.run(self.training, inputs)
+        else:
+            out = self.pipeline.run(self.training, inputs)
         if not self._gradient_check.done:  # after the first backward, this test is all it costs
             self._gradient_check.arm(out)
         return out
@@ -179,6 +187,11 @@ class AdaptedModel(torch.nn.Module):
         """The adapter tensors that train (the base model is frozen)."""
         return self.pipeline.trainable_parameters()
 
+    def base_weight_bytes(self, quantized_only: bool = False) -> int:
+        """Bytes held by the base weights; `quantized_only`: those of the quantized layers
+        (codes and scales), the number to compare with their fp32 size."""
+        return self.pipeline.base_weight_bytes(quantized_only)
+
     def named_adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.pipeline.adapter_parameters()
 
@@ -212,7 +225,12 @@ class AdaptedModel(torch.nn.Module):
         opset: int | None = None,
         dynamic: bool = True,
     ) -> Any:
-        """Merge the adapters and export an ONNX file verified with onnxruntime (ExportReport)."""
+        """Merge the adapters and export an ONNX file verified with onnxruntime (ExportReport).
+        `dtype="int8"`: the fp32 export quantized by onnxruntime (Int8Report: drift, speed)."""
+        if dtype == "int8":
+            from lowering.onnx_int8 import export_int8
+
+            return export_int8(self.pipeline, path, opset=opset)
         from lowering.onnx import export_merged
 
         return export_merged(self.pipeline, path, dtype=dtype, opset=opset, dynamic=dynamic)

@@ -21,8 +21,12 @@ def compile(
     debug: bool | None = None,
     fuse: bool = True,
     dynamic_shapes: Any = None,
+    quantize: Any = None,
 ) -> AdaptedModel:
     """Trace `model`, plan adapters from `spec`, and graft them into its graph.
+
+    `quantize` ("nf4", "int8" or a mapping, as the spec's `quantize:` section) stores the
+    frozen base weights quantized (QLoRA); a model with bitsandbytes layers is read as it is.
 
     `spec` is a dict, YAML/JSON text or a path to a .yaml/.json file. `example_inputs` is a
     tuple of positional arguments or a dict of keyword arguments (input_ids, ...).
@@ -39,7 +43,13 @@ def compile(
     # the spec, placement section included, is parsed once, first: a bad spec fails before
     # anything is traced
     pipeline = Pipeline(
-        model, example_inputs, spec, debug=debug, fuse=fuse, dynamic_shapes=dynamic_shapes
+        model,
+        example_inputs,
+        spec,
+        debug=debug,
+        fuse=fuse,
+        dynamic_shapes=dynamic_shapes,
+        quantize=quantize,
     )
     pipeline.build(calibration)
     return AdaptedModel(pipeline)
@@ -53,14 +63,19 @@ def from_peft(
     calibration: Any = None,
     debug: bool | None = None,
     dynamic_shapes: Any = None,
+    quantize: Any = None,
 ) -> AdaptedModel:
     """Compile `model` with the spec equivalent to a PEFT adapter and load its weights.
+
+    `quantize` as in `compile`; a model with bitsandbytes layers (QLoRA) is read as it is.
 
     `calibration` is needed only by checkpoints whose frozen part is rebuilt from data (a
     CorDA adapter saved without conversion); data-initialised tensors that the checkpoint
     holds are loaded, not recomputed."""
     config = read_config(adapter_dir)
-    pipeline = Pipeline(model, example_inputs, debug=debug, dynamic_shapes=dynamic_shapes)
+    pipeline = Pipeline(
+        model, example_inputs, debug=debug, dynamic_shapes=dynamic_shapes, quantize=quantize
+    )
     pipeline.parse_spec(spec_from_peft(config, pipeline.sites))  # the spec follows the sites
     pipeline.build(calibration, loading=True)
     adapted = AdaptedModel(pipeline)

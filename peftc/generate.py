@@ -4,7 +4,8 @@ The traced graph is one forward without a cache, so it cannot drive an increment
 `generate` instead runs the base model's `GenerationMixin.generate` with a forward hook on
 each adapted module that adds the adapter, computed by the same `Method.forward` the graph
 was traced from, on the same adapter tensors. Nothing is merged: generation during training
-sees the current adapter values. The hooks live only for the call.
+sees the current adapter values. The hooks live only for the call. A quantized base has its
+weights dequantized for the call (the base's full-precision size, held while generating).
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def generate(pipeline: Pipeline, *args: Any, **kwargs: Any) -> Any:
         )
     was_training = model.training
     model.eval()
+    # a quantized base runs its layers eagerly here, so they get their weights dequantized
+    # for the call (the packed codes stay the model's storage)
+    dense = pipeline.dense_base() if pipeline.quantized_weights else contextlib.nullcontext()
     try:
-        with live_adapters(pipeline), torch.no_grad():
+        with dense, live_adapters(pipeline), torch.no_grad():
             return model.generate(*args, **kwargs)
     finally:
         model.train(was_training)

@@ -14,7 +14,8 @@ Rules apply in order and the first rule that matches a site wins. A target witho
 characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does;
 `all-linear` (alone or in the list) is every linear-like site but the output head, as in PEFT.
 Method names and hyperparameters are checked against the registry the caller passes in,
-so this module stays independent of the adapter library. The `placement:` section is typed
+so this module stays independent of the adapter library. The `quantize:` section (a frozen
+base in NF4 or int8) is typed by `rewrite.quantize_config`. The `placement:` section is typed
 the same way: the caller passes the parser (the cost model's `parse_placement`), so the
 section is parsed once, when the spec is, and the spec carries the typed object.
 """
@@ -32,9 +33,10 @@ from typing import Any
 
 import yaml
 
+from rewrite.quantize_config import QuantizeSpecError, parse_quantize
 from rewrite.sites import Site, SiteIndex, is_linear_layer, type_matches
 
-TOP_KEYS = ("adapters", "placement", "seed")
+TOP_KEYS = ("adapters", "placement", "quantize", "seed")
 SELECTOR_KEYS = ("targets", "types", "layers", "exclude", "overrides")
 ALL_LINEAR = "all-linear"  # a `targets` entry: PEFT's convention
 
@@ -89,6 +91,8 @@ class AdaptationSpec:
     placement: Any = None
     seed: int = 0
     source: dict | None = dataclasses.field(default=None, compare=False)
+    # the quantize section (rewrite.quantize_config.QuantizeConfig), None: a full-precision base
+    quantize: Any = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,11 @@ def load_spec(
     section = dict(placement) if placement else None
     if section is not None and parse_placement is not None:
         section = parse_placement(section)
-    return AdaptationSpec(rules, section, seed, data)
+    try:
+        quantize = parse_quantize(data.get("quantize"))
+    except QuantizeSpecError as e:
+        raise SpecError(str(e)) from None
+    return AdaptationSpec(rules, section, seed, data, quantize)
 
 
 def _parse_rule(index: int, raw: Any, methods: Mapping[str, type], placed: bool) -> AdapterRule:
