@@ -26,6 +26,7 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
+from passes.quantize import QUANT_PREFIX
 from rewrite.names import PREFIX
 from rewrite.program import Program
 from rewrite.sites import SiteIndex
@@ -106,11 +107,19 @@ class Block(torch.nn.Module):
     mode's graph. Its forward takes the piece's other inputs, reads its own tensors' current
     values by name, and runs the piece of the mode it is in (`self.training`)."""
 
-    def __init__(self, base: torch.nn.Module, path: str, adapters: torch.nn.Module | None):
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        path: str,
+        adapters: torch.nn.Module | None,
+        quantized: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self.base = base
         if adapters is not None:
             self.adapters = adapters
+        if quantized is not None:  # a quantized base's packed weights in this block
+            self.quantized = quantized
         self.path = path
         # "train" / "eval": that mode's piece of the graph (lifted: it holds no tensors)
         self.pieces: dict[str, torch.fx.GraphModule] = {}
@@ -124,6 +133,9 @@ class Block(torch.nn.Module):
         if hasattr(self, "adapters"):
             prefix = f"{PREFIX}{self.path}"
             out.update({f"{prefix}.{n}": t for n, t in self.adapters.named_parameters()})
+        if hasattr(self, "quantized"):
+            prefix = f"{QUANT_PREFIX}{self.path}"
+            out.update({f"{prefix}.{n}": t for n, t in self.quantized.named_parameters()})
         return out
 
     def add_piece(self, mode: str, piece: torch.fx.GraphModule, sources: list[str | None]) -> None:
@@ -147,9 +159,12 @@ def split_blocks(
     model: torch.nn.Module,
     adapters: torch.nn.Module,
     blocks: Sequence[str] | dict[str, Block],
+    quantized: torch.nn.Module | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, Block]]:
     """Cut `program`'s graph into one piece per block (paths of modules of `model`, or the
     `Block`s of the other mode, which get this mode's pieces) and the pieces between.
+    `quantized` holds a quantized base's packed weights (the parameters among them are the
+    blocks' own).
 
     Returns the top graph module, called with the graph module's own arguments (it calls each
     `Block` as a submodule), and the blocks by path."""
@@ -175,7 +190,8 @@ def split_blocks(
             continue
         path = paths[owner]
         if path not in made:
-            made[path] = Block(model.get_submodule(path), path, _submodule(adapters, path))
+            quant = None if quantized is None else _submodule(quantized, path)
+            made[path] = Block(model.get_submodule(path), path, _submodule(adapters, path), quant)
         block = made[path]
         owned = set(block.owned())
         sources = [

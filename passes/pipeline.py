@@ -193,6 +193,8 @@ class Pipeline:
         out = self.base_state()
         if self.quantized_weights:
             out.update((f"quantized.{n}", b) for n, b in self.quantized.named_buffers())
+            # integer codes FSDP2 shards are frozen parameters there (peftc.distributed)
+            out.update((f"quantized.{n}", p) for n, p in self.quantized.named_parameters())
         out.update(self.adapter_parameters())
         return out
 

@@ -21,6 +21,7 @@ through the same staged write as a single process, and the others wait for it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from lowering.blocks import Block, block_paths, split_blocks, wrap_piece
 from lowering.compute_dtype import programs_in
 from passes.pipeline import pipeline_of
+from passes.quantize import state_name
+from rewrite.dequant import recompute_dequantized
 from rewrite.program import Program
 from rewrite.trace import bind_call, check_inputs
 
@@ -150,7 +153,10 @@ class ShardedModel(torch.nn.Module):
         inputs = bind_call(pipeline.model, args, kwargs)
         program = self._programs[self.training]
         check_inputs(program, inputs)
-        return program.run(pipeline.state(), inputs, self._tops[self.training])
+        # a quantized base: autograd keeps how to dequantize each weight, not the weight
+        recipes = recompute_dequantized() if pipeline.quantized_weights else nullcontext()
+        with recipes:
+            return program.run(pipeline.state(), inputs, self._tops[self.training])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.adapted.trainable_parameters()
@@ -190,22 +196,59 @@ def fully_shard(
     # both modes' graphs are built before the tensors are sharded
     compute = getattr(fsdp_kwargs.get("mp_policy"), "param_dtype", None)
     if compute is not None and compute != pipeline.plan.assignments[0].site.dtype:
+        if pipeline.quantized_weights:
+            raise ValueError(
+                f"mixed precision (param_dtype {compute}) on a quantized base: its weights "
+                "dequantize to the model's dtype, so cast the model to it before compiling "
+                "(model.to(torch.bfloat16), then peftc.compile) and drop param_dtype"
+            )
         programs = programs_in(pipeline, compute)
     else:
         programs = {training: pipeline.program(training) for training in (True, False)}
     made: dict[str, Block] | list[str] = paths
+    quantized = _codes_as_parameters(pipeline) if pipeline.quantized_weights else None
     tops = {}
     for training, program in programs.items():
-        tops[training], made = split_blocks(program, pipeline.model, pipeline.adapters, made)
+        tops[training], made = split_blocks(
+            program, pipeline.model, pipeline.adapters, made, quantized
+        )
+    # a quantized base's weights are one-value shape holders: nothing to shard
+    params = dict(pipeline.model.named_parameters(remove_duplicate=False))
+    holders = {params[name] for name in pipeline.quantized_weights}
     for block in made.values():
         block.runners["train"] = wrap_piece(
             block.pieces["train"], compile, activation_checkpointing
         )
-        torch_fully_shard(block, mesh=mesh, **fsdp_kwargs)
-    in_blocks = {p for block in made.values() for p in block.parameters()}
+        torch_fully_shard(block, mesh=mesh, ignored_params=holders, **fsdp_kwargs)
+    in_blocks = holders | {p for block in made.values() for p in block.parameters()}
     sharded = ShardedModel(adapted, made, programs, tops)
     torch_fully_shard(sharded, mesh=mesh, ignored_params=in_blocks, **fsdp_kwargs)
+    if quantized is not None:
+        _records_read_the_shards(pipeline)
     return sharded.train(adapted.training)
+
+
+def _codes_as_parameters(pipeline: Any) -> torch.nn.Module:
+    """A quantized base's integer codes made frozen parameters, so that FSDP2 shards them
+    with their block (it gathers them whole, and never casts integer tensors under mixed
+    precision); the float scales and code tables stay replicated buffers, which keeps them in
+    fp32 under a bf16 policy. The quantization records then point at the parameters, so the
+    whole codes are not kept beside their shards."""
+    store = pipeline.quantized
+    for module in store.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not buffer.is_floating_point():
+                del module._buffers[name]
+                module.register_parameter(name, torch.nn.Parameter(buffer, requires_grad=False))
+    return store
+
+
+def _records_read_the_shards(pipeline: Any) -> None:
+    """Point the quantization records at the tensors the store holds now (FSDP2's shards)."""
+    state = pipeline.state()
+    for weight, record in pipeline.quantized_weights.items():
+        for name in record.tensors:
+            record.tensors[name] = state[state_name(weight, name)]
 
 
 def _default_mesh(adapted: torch.nn.Module) -> Any:

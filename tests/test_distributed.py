@@ -1,6 +1,6 @@
 """Training on two CPU processes over gloo: DDP (`peftc.distributed.replicate`) and FSDP2
 (`peftc.distributed.fully_shard`, per block; eager, with per-block activation checkpointing
-and Inductor compile, and with bf16 mixed precision).
+and Inductor compile, with bf16 mixed precision, and on an NF4-quantized base).
 
 One spawn runs every variant (each rank trains on its half of a fixed global batch); the
 tests compare what the ranks wrote with a single process on the whole batch: each step's loss
@@ -44,8 +44,8 @@ def train(model, params, inputs: dict) -> list[float]:
     return losses
 
 
-def adapted(layers: int = 2) -> torch.nn.Module:
-    return peftc.compile(tiny_llama(layers=layers), SPEC, token_inputs()).train()
+def adapted(layers: int = 2, **options) -> torch.nn.Module:
+    return peftc.compile(tiny_llama(layers=layers), SPEC, token_inputs(), **options).train()
 
 
 def _rank(rank: int, init: str, out: str) -> None:
@@ -98,6 +98,12 @@ def _rank(rank: int, init: str, out: str) -> None:
         )
         with torch.no_grad():
             results["mixed_logits_dtype"] = str(mixed(**EVAL).logits.dtype)
+
+        qlora = peftc.distributed.fully_shard(adapted(1, quantize="nf4"))
+        codes = dict(qlora.adapted.quantized.named_parameters())
+        results["codes_numel"] = [sum(c.to_local().numel() for c in codes.values())]
+        results["qlora"] = train(qlora, qlora.trainable_parameters(), half)
+        results["codes_after"] = {n: c.full_tensor() for n, c in codes.items()}
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -114,10 +120,13 @@ def ranks(tmp_path_factory):
 def single():
     """The single-process runs on the whole batch (2 and 1 layers), and the trained 2-layer
     model."""
-    model, one = adapted(), adapted(1)
+    model, one, qlora = adapted(), adapted(1), adapted(1, quantize="nf4")
+    codes = {n: c.clone() for n, c in qlora.quantized.named_buffers() if n.endswith(".codes")}
     return {
         "2": train(model, model.trainable_parameters(), batch()),
         "1": train(one, one.trainable_parameters(), batch()),
+        "qlora": train(qlora, qlora.trainable_parameters(), batch()),
+        "codes": codes,
         "model": model.eval(),
     }
 
@@ -193,3 +202,18 @@ def test_without_a_process_group_the_error_says_how_to_start_one():
     for wrap in (peftc.distributed.replicate, peftc.distributed.fully_shard):
         with pytest.raises(RuntimeError, match="init_process_group"):
             wrap(model)
+
+
+def test_a_quantized_base_shards_its_codes_and_keeps_them(ranks, single):
+    """QLoRA under FSDP2: the NF4 codes are sharded with their block (half on each rank),
+    gathered whole they are the codes as quantized, and each step is the single-process
+    quantized step on the whole batch."""
+    got = _mean_over_ranks(ranks[1], "qlora")
+    torch.testing.assert_close(got, torch.tensor(single["qlora"]), rtol=TOL, atol=0)
+    whole = sum(c.numel() for c in single["codes"].values())
+    for r in ranks[1]:
+        assert r["codes_numel"] == [whole // WORLD]
+        after = {n: c for n, c in r["codes_after"].items() if n.endswith(".codes")}
+        assert after.keys() == single["codes"].keys()
+        for name, codes in single["codes"].items():
+            assert torch.equal(after[name], codes)
