@@ -72,9 +72,12 @@ def _owner(node: torch.fx.Node, blocks: Sequence[str]) -> int | None:
     return owners.pop() if owners else None
 
 
-def _partition(graph: torch.fx.Graph, blocks: Sequence[str]) -> dict[torch.fx.Node, int]:
+def _partition(
+    graph: torch.fx.Graph, blocks: Sequence[str]
+) -> tuple[dict[torch.fx.Node, int], dict[int, int]]:
     """Piece index per node: each block's span (first to last node it owns, with whatever lies
-    between) is one piece; the nodes outside every span form the pieces between."""
+    between) is one piece; the nodes outside every span form the pieces between. Also returns
+    the block index of each block piece."""
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     owners = [_owner(n, blocks) for n in body]
     spans: dict[int, list[int]] = {}
