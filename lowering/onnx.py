@@ -165,6 +165,42 @@ def _quiet_exporter():
         registration.setLevel(level)
 
 
+# torchlib's registry per opset, built on peftc's first export (see _torchlib_registry_once)
+_REGISTRIES: dict[tuple[type, int], Any] = {}
+
+
+@contextlib.contextmanager
+def _torchlib_registry_once():
+    """torch.onnx.export rebuilds its registry of ONNX functions from torchlib on every call
+    (0.6-1.2 s here, as long as exporting a small model). peftc's exports pass no custom
+    translation table, so nothing changes the registry once built: within this block it is
+    built once per opset and reused. Outside it (the user's own exports) torch's is left as it
+    is; a torch without this private hook just builds it each time."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError):
+        yield
+        return
+    build = original.__func__
+
+    def from_torchlib(cls, opset_version=None, **kwargs):
+        if kwargs:  # a signature this cache does not know: build it as torch would
+            return build(cls, opset_version, **kwargs)
+        opset = _registration._constants.TORCHLIB_OPSET if opset_version is None else opset_version
+        key = (cls, opset)
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(cls, opset)
+        return _REGISTRIES[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
+
+
 def _save(program, path: Path, external: bool) -> None:
     program.save(str(path), external_data=external)
 
@@ -240,7 +276,7 @@ def export_module(
     outs = output_names(reference)
     dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
     try:
-        with torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter(), _torchlib_registry_once():
             program = torch.onnx.export(
                 _Flat(module, names).eval(),
                 tuple(inputs.values()),
