@@ -208,25 +208,6 @@ def split_blocks(
     return top, made
 
 
-def wrap_piece(
-    piece: torch.fx.GraphModule, compile: bool = False, checkpoint: bool = False
-) -> Callable[..., Any]:
-    """What runs a training piece: the piece, recomputed in the backward (non-reentrant
-    activation checkpointing, only where a backward will come), compiled with Inductor
-    (fullgraph, dynamic shapes), or both."""
-    fn: Callable[..., Any] = piece
-    if checkpoint:
-
-        def fn(*args: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return piece(*args)
-            return torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False)
-
-    if compile:
-        fn = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True)
-    return fn
-
-
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     try:
         return root.get_submodule(path)

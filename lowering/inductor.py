@@ -31,14 +31,17 @@ def compile_program(
     mode: str | None = None,
     dynamic: bool = True,
     activation_checkpointing: bool = False,
+    graph: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """`torch.compile(graph_module, backend="inductor", fullgraph=True)`, dynamic shapes.
 
     With `activation_checkpointing` the forward keeps only the graph's inputs and is
-    recomputed in the backward (dropout masks replayed from the saved RNG state)."""
-    fn: Callable[..., Any] = program.graph_module
+    recomputed in the backward (dropout masks replayed from the saved RNG state). `graph`
+    is compiled in place of the graph module, over the same arguments (the per-block pieces
+    of lowering/checkpointing.py)."""
+    graph_module = program.graph_module if graph is None else graph
+    fn: Callable[..., Any] = graph_module
     if activation_checkpointing:
-        graph_module = program.graph_module
 
         def fn(*args: Any) -> Any:
             return torch.utils.checkpoint.checkpoint(graph_module, *args, use_reentrant=False)
@@ -75,10 +78,19 @@ def compile_pipeline(
     activation_checkpointing: bool = False,
 ) -> Callable[..., Any]:
     """Compile a pipeline's training graph and make it the one training-mode calls run
-    (`Pipeline.runners`); returns the compiled callable."""
-    runner = compile_program(
-        pipeline.program(training=True), mode, dynamic, activation_checkpointing
+    (`Pipeline.runners`); returns the compiled callable. With `activation_checkpointing`
+    each block is checkpointed on its own (every `pipeline.checkpoint_every`-th, under
+    `pipeline.checkpoint_policy`; the whole graph where it has no blocks), see
+    lowering/checkpointing.py."""
+    from lowering.checkpointing import per_block
+
+    blocks = (
+        per_block(pipeline, pipeline.checkpoint_every, pipeline.checkpoint_policy)
+        if activation_checkpointing
+        else None
     )
+    whole = activation_checkpointing and blocks is None
+    runner = compile_program(pipeline.program(training=True), mode, dynamic, whole, blocks)
     pipeline.runners[True] = runner
     return runner
 

@@ -121,6 +121,9 @@ class Pipeline:
         # recompute the training graph's forward in the backward (transformers' flag, through
         # AdaptedModel.activation_checkpointing_enable); compiled graphs take it at compile
         self.checkpointing = False
+        # per-block checkpointing (lowering/checkpointing.py): every n-th block, what it keeps
+        self.checkpoint_every = 1
+        self.checkpoint_policy = "recompute"
 
     # -- the spec -------------------------------------------------------------------------
 

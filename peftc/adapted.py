@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from typing import Any
 
 import torch
@@ -129,7 +128,9 @@ class AdaptedModel(torch.nn.Module):
         activation_checkpointing: bool = False,
     ) -> AdaptedModel:
         """Compile the training graph with Inductor (Triton on GPU, C++ on CPU), fullgraph,
-        dynamic batch and sequence. Returns self; training-mode calls then run compiled."""
+        dynamic batch and sequence. Returns self; training-mode calls then run compiled.
+        `activation_checkpointing` recomputes each block in the backward, keeping its matmul
+        outputs (see `activation_checkpointing_enable`)."""
         from lowering.inductor import compile_pipeline
 
         activation_checkpointing = activation_checkpointing or self.pipeline.checkpointing
@@ -145,22 +146,27 @@ class AdaptedModel(torch.nn.Module):
         activation_checkpointing_kwargs: dict | None = None,
         every_n_layers: int = 1,
         offload: bool = False,
+        policy: str | None = None,
     ) -> None:
-        """Recompute the training graph's forward in the backward: the whole graph, as
-        `compile_for_training(activation_checkpointing=True)` does (it has no layers to pick
-        from, so `every_n_layers` only warns; the recompute is non-reentrant, whatever
-        `activation_checkpointing_kwargs` say). A compiled graph is compiled again with it."""
+        """Recompute activations in the backward, block by block: the training graph is cut
+        into one piece per repeated layer and every `every_n_layers`-th is checkpointed
+        (non-reentrant, whatever else `activation_checkpointing_kwargs` say). `policy` (or
+        `activation_checkpointing_kwargs["policy"]`): "recompute" keeps only each block's
+        inputs; "save_matmuls" keeps its matmul and attention outputs and recomputes the
+        elementwise ops (torch's selective checkpointing). A model without repeated layers is
+        recomputed whole. A compiled graph is compiled again with it."""
+        from lowering.checkpointing import check_policy
+
         if offload:
             raise ValueError(
                 "peftc checkpoints activations by recomputing them, not by offloading them; "
                 "drop offload from the activation checkpointing options"
             )
-        if every_n_layers != 1:
-            warnings.warn(
-                f"every_n_layers={every_n_layers}: peftc recomputes the whole training graph "
-                "(a flat graph has no layers to skip)",
-                stacklevel=2,
-            )
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be 1 or more, got {every_n_layers}")
+        chosen = policy or (activation_checkpointing_kwargs or {}).get("policy", "recompute")
+        self.pipeline.checkpoint_policy = check_policy(chosen)
+        self.pipeline.checkpoint_every = every_n_layers
         self._set_checkpointing(True)
 
     def activation_checkpointing_disable(self) -> None:
@@ -180,6 +186,20 @@ class AdaptedModel(torch.nn.Module):
 
             opts = self._compile_options
             compile_pipeline(self.pipeline, opts["mode"], opts["dynamic"], on)
+            return
+        # eager: the per-block pieces run the training graph (None: recomputed whole, by run)
+        from lowering.checkpointing import per_block
+
+        pipeline = self.pipeline
+        blocks = (
+            per_block(pipeline, pipeline.checkpoint_every, pipeline.checkpoint_policy)
+            if on
+            else None
+        )
+        if blocks is None:
+            self.pipeline.runners.pop(True, None)
+        else:
+            self.pipeline.runners[True] = blocks
 
     # -- adapters -----------------------------------------------------------------------
 

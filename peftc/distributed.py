@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lowering.blocks import Block, block_paths, split_blocks, wrap_piece
+from lowering.blocks import Block, block_paths, split_blocks
+from lowering.checkpointing import wrap_piece
 from lowering.compute_dtype import programs_in
 from passes.pipeline import pipeline_of
 from passes.quantize import state_name
@@ -176,7 +177,8 @@ def fully_shard(
 
     `blocks` are the module paths of the units (default: the repeated layers the sites sit in,
     `model.layers.0` ...). `activation_checkpointing` recomputes each block's forward in its
-    backward (non-reentrant, while the block is gathered); `compile` compiles each block's
+    backward (non-reentrant, while the block is gathered; the matmul outputs are kept, see
+    lowering/checkpointing.py); `compile` compiles each block's
     piece with Inductor, fullgraph. `fsdp_kwargs` go to every `fully_shard` call
     (`mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`,
     `reshard_after_forward`, ...); a `param_dtype` other than the model's has the graphs traced
