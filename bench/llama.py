@@ -15,6 +15,7 @@ def llama(
     intermediate: int | None = None,
     seq: int = 512,
     use_cache: bool = False,
+    vocab: int = VOCAB,
 ) -> torch.nn.Module:
     """Seed 0, as many KV heads as heads, intermediate 2.6875 x hidden by default; in train
     mode, as a model built from a config is."""
@@ -27,15 +28,17 @@ def llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_position_embeddings=max(512, seq),
         use_cache=use_cache,
     )
     return LlamaForCausalLM(config)
 
 
-def token_batch(batch: int, seq: int, device: str = "cpu", seed: int = 0) -> dict:
+def token_batch(
+    batch: int, seq: int, device: str = "cpu", seed: int = 0, vocab: int = VOCAB
+) -> dict:
     """Random token ids in the vocabulary and an all-ones mask."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,13 +1,18 @@
-"""QLoRA step benchmark: peftc on an NF4 base against PEFT on bitsandbytes, side by side in one
-process on this CPU.
+"""QLoRA step benchmark: peftc on an NF4 base against PEFT on bitsandbytes, eager and compiled,
+side by side in one process on this CPU.
 
     python bench/qlora.py [--hidden 1024 --layers 4 --rank 16 --steps 5] [--json out.json]
 
 Model: a Llama from config (hidden 1024, intermediate 2816, 4 layers, 16 heads, vocab 2000),
 saved once and loaded twice with BitsAndBytesConfig(load_in_4bit, nf4, double quantization):
-PEFT wraps one, `peftc.from_peft` reads the other as it is (the same NF4 codes). LoRA r=16 on
-all seven projections, inputs batch 4 × seq 128, loss on the model's own labels, AdamW.
-Contenders alternate one step each after a warm-up; step time is the median.
+PEFT wraps one, `peftc.from_peft` reads the others as they are (the same NF4 codes). LoRA r=16
+on all seven projections, inputs batch 4 × seq 128, loss on the model's own labels, AdamW.
+
+Contenders: peftc eager; peftc compiled (`compile_for_training()`: Inductor, the dequantize
+inlined as ATen and recomputed in the backward); PEFT+bnb eager; PEFT+bnb under
+`torch.compile` (Inductor, default options), reported as failed with its error if it does not
+compile. Contenders alternate one step each after a warm-up (which compiles); step time is
+the median.
 
 Memory: the base weights each holds (peftc: `base_weight_bytes(quantized_only=True)`; PEFT:
 the bytes of bitsandbytes' packed weights and quant states), and the peak of what one
@@ -69,18 +74,22 @@ def build(args, directory: Path):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    ours = peftc.from_peft(load(), directory / "adapter", inputs)
-    with torch.no_grad():  # the same non-zero adapter values in both
+    ours = [peftc.from_peft(load(), directory / "adapter", inputs) for _ in range(2)]
+    theirs_again = get_peft_model(load(), lora)  # for torch.compile
+    with torch.no_grad():  # the same non-zero adapter values in all
         for p in theirs.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.02, generator=g)
-        for (_, mine), (_, theirs_p) in zip(
-            sorted(ours.named_adapter_parameters().items()),
-            sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad),
-            strict=True,
-        ):
-            mine.copy_(theirs_p.reshape(mine.shape))
-    return ours.train(), theirs.train(), inputs
+        values = sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+        for mine in ours:
+            for (_, q), (_, theirs_p) in zip(
+                sorted(mine.named_adapter_parameters().items()), values, strict=True
+            ):
+                q.copy_(theirs_p.reshape(q.shape))
+        again = dict(theirs_again.named_parameters())
+        for n, p in values:
+            again[n].copy_(p)
+    return ours[0].train(), ours[1].train(), theirs.train(), theirs_again.train(), inputs
 
 
 def bnb_weight_bytes(model) -> int:
@@ -100,8 +109,8 @@ def bnb_weight_bytes(model) -> int:
     return total
 
 
-def step_fn(model, inputs):
-    params = [p for p in model.parameters() if p.requires_grad]
+def step_fn(model, inputs, owner=None):
+    params = [p for p in (owner or model).parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> float:
@@ -136,13 +145,29 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench/results/qlora_cpu.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs, inputs = build(args, Path(tmp))
-    with torch.no_grad():
-        a, b = ours(**inputs).logits, theirs(**inputs).logits
+        ours, ours_compiled, theirs, theirs_compiled, inputs = build(args, Path(tmp))
+    with torch.no_grad():  # eval graphs: a training graph with labels returns no logits
+        a, b = ours.eval()(**inputs).logits, theirs.eval()(**inputs).logits
     agree = float((a - b).abs().max())
-    steps = {"peftc": step_fn(ours, inputs), "peft_bnb": step_fn(theirs, inputs)}
-    for step in steps.values():
-        step()  # warm-up
+    ours.train(), theirs.train()
+    ours_compiled.compile_for_training()
+    steps = {
+        "peftc": step_fn(ours, inputs),
+        "peftc_compiled": step_fn(ours_compiled, inputs),
+        "peft_bnb": step_fn(theirs, inputs),
+    }
+    compiled_theirs = torch.compile(theirs_compiled, backend="inductor")
+    steps["peft_bnb_compiled"] = step_fn(compiled_theirs, inputs, theirs_compiled)
+    failed: dict[str, str] = {}
+    losses, compile_s = {}, {}
+    for name, step in list(steps.items()):
+        start = time.perf_counter()
+        try:
+            losses[name] = step()  # warm-up (compiles)
+        except Exception as e:  # noqa: BLE001  (a contender that does not compile is reported)
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            del steps[name]
+        compile_s[name] = time.perf_counter() - start
     times = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -152,7 +177,9 @@ def main() -> None:
     peaks = {name: peak_step_bytes(step) for name, step in steps.items()}
     weights = {
         "peftc": ours.base_weight_bytes(quantized_only=True),
+        "peftc_compiled": ours_compiled.base_weight_bytes(quantized_only=True),
         "peft_bnb": bnb_weight_bytes(theirs),
+        "peft_bnb_compiled": bnb_weight_bytes(theirs_compiled),
     }
     fp32 = sum(4 * torch.Size(r.shape).numel() for r in ours.pipeline.quantized_weights.values())
     rows = {
@@ -160,29 +187,42 @@ def main() -> None:
             "step_ms": 1e3 * statistics.median(times[name]),
             "peak_step_mb": peaks[name] / 2**20,
             "quantized_weight_mb": weights[name] / 2**20,
+            "first_step_s": compile_s[name],
         }
         for name in steps
+    }
+    ratios = {
+        f"{ours_name}/{theirs_name}": {
+            k: rows[ours_name][k] / rows[theirs_name][k] for k in ("step_ms", "peak_step_mb")
+        }
+        for ours_name in ("peftc", "peftc_compiled")
+        for theirs_name in ("peft_bnb", "peft_bnb_compiled")
+        if ours_name in rows and theirs_name in rows
     }
     result = {
         "config": vars(args) | {"json": None},
         "torch": torch.__version__,
         "max_abs_logit_diff": agree,
         "quantized_weights_fp32_mb": fp32 / 2**20,
+        "first_step_loss": losses,
         "rows": rows,
-        "ratios_peftc_over_peft": {
-            k: rows["peftc"][k] / rows["peft_bnb"][k] for k in rows["peftc"]
-        },
+        "failed": failed,
+        "ratios": ratios,
     }
     print(f"logits peftc vs PEFT+bnb: max |diff| {agree:.2e}")
-    print(f"{'':10} {'step ms':>9} {'peak step MiB':>14} {'NF4 weights MiB':>16}")
+    print(
+        f"{'':18} {'step ms':>9} {'peak step MiB':>14} {'NF4 weights MiB':>16} {'1st step s':>11}"
+    )
     for name, row in rows.items():
         print(
-            f"{name:10} {row['step_ms']:9.1f} {row['peak_step_mb']:14.1f} "
-            f"{row['quantized_weight_mb']:16.2f}"
+            f"{name:18} {row['step_ms']:9.1f} {row['peak_step_mb']:14.1f} "
+            f"{row['quantized_weight_mb']:16.2f} {row['first_step_s']:11.1f}"
         )
+    for name, why in failed.items():
+        print(f"{name:18} failed: {why}")
     print(f"(the same weights in fp32: {fp32 / 2**20:.2f} MiB)")
-    ratios = result["ratios_peftc_over_peft"]
-    print("peftc / PEFT+bnb: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    for pair, r in ratios.items():
+        print(f"{pair}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
     with staged(args.json, make_parents=True) as path:
         path.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,6 +1,8 @@
 """Training-step benchmark: peftc against PEFT, side by side in one process.
 
-    python bench/train_step.py [--device cuda] [--hidden 512 --layers 4 --rank 16] [--json out.json]
+    python bench/train_step.py [--device cuda] [--hidden 512 --layers 4 --rank 16] [--vocab 2000]
+                               [--json out.json]
+    python bench/train_step.py --suite      # vocab 2000 and 32000, loss from labels, memory
 
 Model: a Llama from config (hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 2000),
 inputs batch 4 × seq 128, LoRA r=16 alpha=32 on all seven projection types, AdamW. The
@@ -15,7 +17,14 @@ medians. Contenders:
   h  peftc PaCA compiled (r=16: 16 trained input columns per layer, alpha = r)
   i  peftc MoRA compiled (rank 16: the LoRA-equivalent budget, one square matrix)
   j  peftc LoRMA compiled (r=16, pre + rri: W' = W + s·B·A·W each step)
-The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios).
+  k  PEFT + torch.compile, the loss from `labels` inside the compiled model (HF's
+     ForCausalLMLoss): the strongest PEFT configuration
+  l  peftc compiled, fused, the loss from `labels` in its graph, fused_loss=False
+  m  l with fused_loss=True (the default): head + cross-entropy as one chunked op
+The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
+k, l and m compare against each other and b (x/m in the ratios).
+`--suite` runs a, b, k, l, m at vocab 2000 and 32000 with `--memory` and writes one JSON
+(bench/results/train_step_suite_cpu.json, or --json).
 Peak memory: max allocated per step on GPU. On CPU (`--memory`), each contender runs alone in a
 fresh child process whose large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so RSS
 follows live tensors; the figure is the peak RSS during three steps above the RSS at rest
@@ -57,6 +66,9 @@ NAMES = {
     "h": "peftc PaCA compiled",
     "i": "peftc MoRA compiled",
     "j": "peftc LoRMA compiled",
+    "k": "PEFT + compile, loss from labels",
+    "l": "peftc, labels, fused_loss=False",
+    "m": "peftc, labels, fused_loss=True",
 }
 # The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
 METHOD = {
@@ -67,16 +79,22 @@ METHOD = {
     "h": "paca",
     "i": "mora",
     "j": "lorma",
+    "l": "lora",
+    "m": "lora",
 }
+LABELS = {"k", "l", "m"}  # the model computes its loss from `labels`
 NO_ALPHA = {"mora"}
 
 
 def build_base(args):
-    return llama(args.hidden, args.layers, args.heads, args.intermediate, args.seq).to(args.device)
+    model = llama(
+        args.hidden, args.layers, args.heads, args.intermediate, args.seq, vocab=args.vocab
+    )
+    return model.to(args.device)
 
 
 def inputs(args):
-    return token_batch(args.batch, args.seq, args.device)
+    return token_batch(args.batch, args.seq, args.device, vocab=args.vocab)
 
 
 def lm_loss(logits, ids):
@@ -98,12 +116,16 @@ def make_contender(key, base, args, x):
     if spec_method not in NO_ALPHA:
         rule["alpha"] = 2 * args.rank
     spec = {"adapters": [rule]}
-    if key in ("a", "b"):
+    if key in LABELS:
+        x = {**x, "labels": x["input_ids"]}
+    if key in ("a", "b", "k"):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        run = torch.compile(model, mode=args.mode) if key == "b" else model
+        run = torch.compile(model, mode=args.mode) if key in ("b", "k") else model
     elif key in METHOD:
-        model = peftc.compile(copy.deepcopy(base), spec, x, fuse=key != "c").train()
+        model = peftc.compile(
+            copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
+        ).train()
         model.compile_for_training(mode=args.mode)
         params = model.trainable_parameters()
         run = model
@@ -122,7 +144,8 @@ def make_contender(key, base, args, x):
     opt_step = torch.compile(opt.step, fullgraph=False) if key == "g" else opt.step
 
     def step():
-        lm_loss(run(**x).logits, x["input_ids"]).backward()
+        out = run(**x)
+        (out.loss if key in LABELS else lm_loss(out.logits, x["input_ids"])).backward()
         opt_step()
         opt.zero_grad(set_to_none=True)
 
@@ -137,7 +160,7 @@ def sync(device):
 def measure_memory_child(args, key):
     """Training-step memory (MiB) of contender `key`, alone in a fresh process (CPU)."""
     cmd = [sys.executable, __file__, "--only", key, "--device", args.device]
-    for flag in ("hidden", "intermediate", "layers", "rank", "batch", "seq", "heads"):
+    for flag in ("hidden", "intermediate", "layers", "rank", "batch", "seq", "heads", "vocab"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.mode:
         cmd += ["--mode", args.mode]
@@ -176,6 +199,11 @@ def only(args):
     print((peak[0] - rest) / 2**20)
 
 
+SUITE_VOCABS = (2000, 32000)
+SUITE_CONTENDERS = "abklm"
+SUITE_JSON = ROOT / "bench" / "results" / "train_step_suite_cpu.json"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="peftc vs PEFT training step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--contenders", default="abcdef")
@@ -197,13 +226,38 @@ def main(argv=None) -> int:
     p.add_argument(
         "--memory", action="store_true", help="CPU: peak RSS per contender (subprocesses)"
     )
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help=f"contenders {SUITE_CONTENDERS} at vocab {' and '.join(map(str, SUITE_VOCABS))}, "
+        f"with --memory, into one JSON (default {SUITE_JSON.relative_to(ROOT)})",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.only:
         only(args)
         return 0
+    if not args.suite:
+        result = measure(args)
+        if args.json:
+            write_atomic(args.json, json.dumps(result, indent=2))
+            print(f"wrote {args.json}")
+        return 0
+    runs = {}
+    for vocab in SUITE_VOCABS:
+        run_args = argparse.Namespace(
+            **{**vars(args), "vocab": vocab, "contenders": SUITE_CONTENDERS, "memory": True}
+        )
+        runs[str(vocab)] = measure(run_args)
+    path = args.json or str(SUITE_JSON)
+    write_atomic(path, json.dumps({"suite": runs, "torch": torch.__version__}, indent=2))
+    print(f"wrote {path}")
+    return 0
 
+
+def measure(args) -> dict:
+    """Run the contenders interleaved, print the table and ratios, return the results."""
     base = build_base(args)
     x = inputs(args)
     keys = list(args.contenders)
@@ -229,18 +283,21 @@ def main(argv=None) -> int:
             times[key].append((time.perf_counter() - start) * 1e3)
             if args.device.startswith("cuda"):
                 peak[key] = max(peak[key], torch.cuda.max_memory_allocated() / 2**20)
+    del steps
+    gc.collect()
     if args.memory and not args.device.startswith("cuda"):
         peak = {k: measure_memory_child(args, k) for k in keys}
     med = {k: statistics.median(v) for k, v in times.items()}
     mem_kind = "max allocated MiB" if args.device.startswith("cuda") else "step RSS MiB"
     print(
         f"\ntrain step, {args.device}, Llama hidden {args.hidden} x {args.layers} layers, "
-        f"batch {args.batch} x seq {args.seq}, LoRA r={args.rank}, median of {args.rounds}"
+        f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank}, "
+        f"median of {args.rounds}"
     )
-    print(f"{'':3}{'contender':32}{'ms/step':>10}{mem_kind:>20}")
+    print(f"{'':3}{'contender':34}{'ms/step':>10}{mem_kind:>20}")
     for k in keys:
         mem = f"{peak[k]:.0f}" if peak[k] else "-"
-        print(f"{k:3}{NAMES[k]:32}{med[k]:10.1f}{mem:>20}")
+        print(f"{k:3}{NAMES[k]:34}{med[k]:10.1f}{mem:>20}")
     labels = {
         ("a", "d"): "a/d speed-up over PEFT eager",
         ("b", "d"): "b/d speed-up over PEFT compiled",
@@ -250,30 +307,37 @@ def main(argv=None) -> int:
         ("h", "d"): "h/d PaCA step / LoRA step",
         ("i", "d"): "i/d MoRA step / LoRA step",
         ("j", "d"): "j/d LoRMA step / LoRA step",
+        ("a", "m"): "a/m speed-up over PEFT eager",
+        ("b", "m"): "b/m speed-up over PEFT compiled",
+        ("k", "m"): "k/m speed-up over PEFT compiled+labels",
+        ("l", "m"): "l/m speed-up of the fused loss",
+        ("k", "l"): "k/l unfused peftc over PEFT+labels",
     }
     ratios = {
         label: med[num] / med[den]
         for (num, den), label in labels.items()
         if num in med and den in med
     }
+    peft = [k for k in "abk" if k in med]
+    if "m" in med and peft:
+        ratios["best PEFT / m"] = min(med[k] for k in peft) / med["m"]
     if peak.get("a") and peak.get("d"):
         ratios["peak memory d/a"] = peak["d"] / peak["a"]
+    for num, den in (("m", "k"), ("m", "l"), ("l", "k")):
+        if peak.get(num) and peak.get(den):
+            ratios[f"peak memory {num}/{den}"] = peak[num] / peak[den]
     print("\nratios:")
     for name, value in ratios.items():
-        print(f"  {name:34}{value:6.2f}x")
-    if args.json:
-        result = {
-            "config": {k: v for k, v in vars(args).items() if k not in ("json", "only")},
-            "median_ms": med,
-            "all_ms": times,
-            "peak_mib": peak,
-            "warmup_s": compile_s,
-            "ratios": ratios,
-            "torch": torch.__version__,
-        }
-        write_atomic(args.json, json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+        print(f"  {name:40}{value:6.2f}x")
+    return {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "only", "suite")},
+        "median_ms": med,
+        "all_ms": times,
+        "peak_mib": peak,
+        "warmup_s": compile_s,
+        "ratios": ratios,
+        "torch": torch.__version__,
+    }
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ pytorch#141039) would compile twice. Here such inputs always enter the compiled 
 requiring grad; when the caller's tensor did not, it is a detached alias whose gradient is
 dropped. The price is computing that input's gradient in the backward. Under
 `torch.no_grad()` nothing is changed.
+
+A quantized base's dequantize nodes are custom ops in the program's graph (eager autograd
+keeps recipes for them, rewrite/dequant.py); the compiled copy has them inlined as the codec's
+ATen ops (`inline_dequantize`), so Inductor fuses each into one kernel beside its matmul and
+recomputes it in the backward from the codes instead of saving the weight.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 from passes.pipeline import Pipeline
+from rewrite.dequant import inline_dequantize
 from rewrite.program import USER_INPUT, Program
 
 
@@ -39,7 +45,10 @@ def compile_program(
     recomputed in the backward (dropout masks replayed from the saved RNG state). `graph`
     is compiled in place of the graph module, over the same arguments (the per-block pieces
     of lowering/checkpointing.py)."""
-    graph_module = program.graph_module if graph is None else graph
+    if graph is not None:
+        graph_module = graph
+    else:  # a quantized base: its dequantize ops inlined as ATen, recomputed in the backward
+        graph_module = inline_dequantize(program.graph_module, not activation_checkpointing)
     fn: Callable[..., Any] = graph_module
     if activation_checkpointing:
 

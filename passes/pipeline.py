@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,23 +33,17 @@ from passes.adapters.insert import AdapterStore, create_adapter_tensors, insert_
 from passes.adapters.registry import methods
 from passes.cleanup import Cleanup
 from passes.fuse import FuseSiblings, fold_scale
+from passes.fused_loss import fused_loss
 from passes.merge import MergeAdapters, merged_biases, merged_weights
-from passes.quantize import (
-    DequantizeBase,
-    QuantizeBase,
-    QuantStore,
-    quantize_parameters,
-    state_name,
-    target_sites,
-)
+from passes.quantize import DequantizeBase, QuantizeBase, QuantizedBase, QuantStore
 from rewrite.bnb_layers import read_bnb_layers
 from rewrite.capture import capture_site_inputs
-from rewrite.codec import QuantizedWeight, dequantize
+from rewrite.codec import QuantizedWeight
 from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.quantize_config import QuantizeSpecError, parse_quantize
-from rewrite.sites import SiteIndex, find_sites, mark_output_head
+from rewrite.sites import SiteIndex, find_sites, is_output_head, mark_output_head
 from rewrite.spec import AdaptationSpec, SpecError, load_spec
 from rewrite.trace import bind_inputs, check_inputs, trace
 from rewrite.unlift import unlift
@@ -58,6 +52,9 @@ from rewrite.values import refresh_values
 # The named pass pipelines, as their passes name themselves (`adapt_passes`, `merge_passes`).
 ADAPT = ("insert_adapters", "fold_scale", "fuse_siblings", "cleanup")  # train and eval graphs
 ADAPT_UNFUSED = ("insert_adapters", "cleanup")  # fuse=False
+# training graphs with fused_loss=True (the default): the head's linear and the loss from
+# `labels` become one chunked op (passes/fused_loss.py; a graph without that loss is unchanged)
+ADAPT_TRAINING = ("insert_adapters", "fold_scale", "fuse_siblings", "fused_loss", "cleanup")
 MERGE = ("merge_adapters", "cleanup")  # the eval graph with every adapter folded in
 # with a quantized base (spec `quantize:`, or a bitsandbytes model), each pipeline starts with
 # the quantize rewrite (ADAPT) or its inverse (MERGE): "quantize_base" / "dequantize_base"
@@ -83,11 +80,14 @@ class Pipeline:
         registry: Mapping[str, type] | None = None,
         dynamic_shapes: Any = None,
         quantize: Any = None,
+        fused_loss: bool = True,
     ):
         """`training` is the mode traced first (its sites are `sites`; default: the model's
         mode); the other mode is traced on first use, or reused from placement.
         `quantize` overrides the spec's `quantize:` section (same values). bitsandbytes layers
-        of `model` are read here, before anything is traced (the model is changed in place)."""
+        of `model` are read here, before anything is traced (the model is changed in place).
+        `fused_loss`: the training graph computes a loss from `labels` chunk by chunk, without
+        the full logits, and returns `logits=None` (passes/fused_loss.py)."""
         self.model = model
         self.registry = methods() if registry is None else registry
         self.spec: AdaptationSpec | None = None
@@ -96,9 +96,8 @@ class Pipeline:
         except QuantizeSpecError as e:
             raise SpecError(str(e)) from None
         # the quantized base: weight name -> its record, and the packed tensors as buffers
-        self.quantized = QuantStore()
-        self.quantized_weights: dict[str, QuantizedWeight] = {}
-        self._from_bnb = bool(self._store(read_bnb_layers(model)))
+        self.quantized_base = QuantizedBase(model)
+        self._from_bnb = bool(self.quantized_base.add(read_bnb_layers(model)))
         if spec is not None:
             self.parse_spec(spec)
         # bound once to the forward's names: every trace, check and export reads this dict
@@ -106,6 +105,7 @@ class Pipeline:
         self.dynamic_shapes = dynamic_shapes  # torch.export's, where the user states them
         self.debug = debug
         self.fuse = fuse
+        self.fused_loss = fused_loss
         self.training = model.training if training is None else training
         self.plan: Plan | None = None
         self.adapters = AdapterStore()
@@ -194,59 +194,36 @@ class Pipeline:
         """Every tensor the graphs read, by name: base parameters and buffers, the packed
         weights of a quantized base, then adapters."""
         out = self.base_state()
-        if self.quantized_weights:
-            out.update((f"quantized.{n}", b) for n, b in self.quantized.named_buffers())
-            # integer codes FSDP2 shards are frozen parameters there (peftc.distributed)
-            out.update((f"quantized.{n}", p) for n, p in self.quantized.named_parameters())
+        out.update(self.quantized_base.state())
         out.update(self.adapter_parameters())
         return out
 
-    # -- a quantized base ---------------------------------------------------------------
+    # -- a quantized base (passes.quantize.QuantizedBase holds it) ------------------------
 
-    def _store(self, records: Mapping[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
-        for weight, record in records.items():
-            for tensor_name, tensor in record.tensors.items():
-                self.quantized.add(state_name(weight, tensor_name)[len("quantized.") :], tensor)
-            self.quantized_weights[weight] = record
-        return dict(records)
+    @property
+    def quantized(self) -> QuantStore:
+        """The packed base weights as buffers (AdaptedModel registers it as `quantized`)."""
+        return self.quantized_base.store
+
+    @property
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        """Weight name -> its quantization record (empty without a quantized base)."""
+        return self.quantized_base.records
 
     def _quantize_base(self) -> None:
         """Quantize the base weights the spec's `quantize:` section selects (after the adapter
         inits, which read the full-precision weights)."""
         config = self._spec().quantize
-        if config is None:
-            return
-        adapted = {a.site.path for a in self._plan()}
-        sites = target_sites(config, self.sites, adapted)
-        self._store(quantize_parameters(self.model, config, sites))
+        if config is not None:
+            self.quantized_base.quantize(config, self.sites, {a.site.path for a in self._plan()})
 
     def dense_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Each quantized base weight dequantized (in fp32, then cast once to `dtype`, default
-        its own dtype): made on each call, for merging, placement and inits; never kept."""
-        with torch.no_grad():
-            return {
-                name: dequantize(record, torch.float32).to(dtype or record.dtype)
-                for name, record in self.quantized_weights.items()
-            }
+        """Each quantized base weight dequantized in fp32, cast once (QuantizedBase)."""
+        return self.quantized_base.dense_weights(dtype)
 
-    @contextlib.contextmanager
-    def dense_base(self) -> Iterator[None]:
-        """Put the dequantized weights into the base model's parameters for the duration (a
-        trace that must see real values: the fp16 export); the shape holders come back after."""
-        dense = self.dense_weights()
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        saved = []
-        for module in self.model.modules():
-            for leaf, param in list(module._parameters.items()):
-                for name, value in dense.items():
-                    if param is params[name]:
-                        saved.append((module, leaf, param))
-                        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        try:
-            yield
-        finally:
-            for module, leaf, param in saved:
-                module._parameters[leaf] = param
+    def dense_base(self) -> contextlib.AbstractContextManager[None]:
+        """The dequantized weights in the base model's parameters for the duration."""
+        return self.quantized_base.dense_base()
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """`state()` with every quantized weight dequantized under its own name."""
@@ -255,17 +232,7 @@ class Pipeline:
     def base_weight_bytes(self, quantized_only: bool = False) -> int:
         """Bytes the base weights hold: with `quantized_only`, those of the quantized layers
         (codes and scales); else every base parameter and buffer too (each storage once)."""
-        packed = sum(r.nbytes() for r in self.quantized_weights.values())
-        if quantized_only:
-            return packed
-        seen: set[int] = set()
-        total = 0
-        for t in self.base_state().values():
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total + packed
+        return self.quantized_base.base_weight_bytes(self.base_state(), quantized_only)
 
     def adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The adapter tensors by their graph names (`adapters.<site>.<name>`)."""
@@ -332,14 +299,20 @@ class Pipeline:
     def adapt_passes(
         self, program: Program, sites: SiteIndex, assignments: list | None = None
     ) -> list[Pass]:
-        """The ADAPT pipeline for one mode's trace (ADAPT_UNFUSED with fuse=False); the plan's
-        assignments unless `assignments` (the same plan on another trace's sites) are given."""
+        """The ADAPT pipeline for one mode's trace (ADAPT_UNFUSED with fuse=False; a training
+        trace also gets fused_loss unless it is off, ADAPT_TRAINING); the plan's assignments
+        unless `assignments` (the same plan on another trace's sites) are given."""
         chosen = self._plan().assignments if assignments is None else assignments
         passes: list[Pass] = [insert_adapters(program, sites, chosen)]
         if self.fuse:
             passes += [fold_scale(), FuseSiblings()]
         if self.quantized_weights:
             passes.insert(0, QuantizeBase(self.quantized_weights, self.state()))
+        if self.fused_loss and program.training:
+            head = next((s for s in sites if is_output_head(s)), None)
+            nodes = sites.nodes.get(head.path, []) if head is not None else []
+            weight_grad = head is not None and self.state()[head.weight].requires_grad
+            passes.append(fused_loss(nodes, weight_grad))
         return [*passes, Cleanup()]
 
     def merge_passes(

@@ -10,18 +10,28 @@ undoes it on a copy of the eval graph: the site op reads a full-precision weight
 again, fed the weight dequantized in fp32, so merging folds the adapters into it and casts
 once. The packed tensors live in a `QuantStore` under `quantized.<weight name>.<tensor>`; the
 base layer's own parameter is replaced by a one-value shape holder, so the fp32 weight is gone.
+
+`QuantizedBase` is that state for one adaptation (the records, the store, what they are
+dequantized into); the Pipeline holds one and delegates to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.fx
 
 import rewrite.dequant  # noqa: F401  (registers the peftc::dequantize_* ops)
 from rewrite.bnb_layers import shape_holder
-from rewrite.codec import QuantizedWeight, check_nf4_shape, quantize_int8, quantize_nf4
+from rewrite.codec import (
+    QuantizedWeight,
+    check_nf4_shape,
+    dequantize,
+    quantize_int8,
+    quantize_nf4,
+)
 from rewrite.passes import PassResult
 from rewrite.program import BUFFER, PARAMETER, Program
 from rewrite.quantize_config import QuantizeConfig
@@ -106,6 +116,87 @@ def _replace_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parame
         for leaf, param in list(module._parameters.items()):
             if param is old:
                 module._parameters[leaf] = value
+
+
+class QuantizedBase:
+    """The quantized frozen base of one model: weight name -> its record (`records`), the
+    packed tensors as buffers of `store` (a QuantStore, under `quantized.<weight>.<tensor>`
+    in the graphs' state), and the dense weights made from them on demand."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.store = QuantStore()
+        self.records: dict[str, QuantizedWeight] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def add(self, records: Mapping[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+        """Keep `records` (read from bitsandbytes layers, or made by `quantize`)."""
+        for weight, record in records.items():
+            for tensor_name, tensor in record.tensors.items():
+                self.store.add(state_name(weight, tensor_name)[len(QUANT_PREFIX) :], tensor)
+            self.records[weight] = record
+        return dict(records)
+
+    def quantize(self, config: QuantizeConfig, sites: SiteIndex, adapted: set[str]) -> None:
+        """Quantize the weights `config` selects among `sites` (`adapted`: the adapted paths)."""
+        chosen = target_sites(config, sites, adapted)
+        self.add(quantize_parameters(self.model, config, chosen))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The packed tensors by graph name (none without a quantized base)."""
+        if not self.records:
+            return {}
+        out = {QUANT_PREFIX + n: b for n, b in self.store.named_buffers()}
+        # integer codes FSDP2 shards are frozen parameters there (peftc.distributed)
+        out.update((QUANT_PREFIX + n, p) for n, p in self.store.named_parameters())
+        return out
+
+    def dense_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Each quantized base weight dequantized (in fp32, then cast once to `dtype`, default
+        its own dtype): made on each call, for merging, placement and inits; never kept."""
+        with torch.no_grad():
+            return {
+                name: dequantize(record, torch.float32).to(dtype or record.dtype)
+                for name, record in self.records.items()
+            }
+
+    @contextlib.contextmanager
+    def dense_base(self) -> Iterator[None]:
+        """Put the dequantized weights into the model's parameters for the duration (a trace
+        that must see real values: the fp16 export); the shape holders come back after."""
+        dense = self.dense_weights()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        saved = []
+        for module in self.model.modules():
+            for leaf, param in list(module._parameters.items()):
+                for name, value in dense.items():
+                    if param is params[name]:
+                        saved.append((module, leaf, param))
+                        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        try:
+            yield
+        finally:
+            for module, leaf, param in saved:
+                module._parameters[leaf] = param
+
+    def base_weight_bytes(
+        self, base_state: Mapping[str, torch.Tensor], quantized_only: bool = False
+    ) -> int:
+        """Bytes the base weights hold: with `quantized_only`, those of the quantized layers
+        (codes and scales); else every tensor of `base_state` too (each storage once)."""
+        packed = sum(r.nbytes() for r in self.records.values())
+        if quantized_only:
+            return packed
+        seen: set[int] = set()
+        total = 0
+        for t in base_state.values():
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total + packed
 
 
 class QuantizeBase:

@@ -68,6 +68,12 @@ class AdaptedModel(torch.nn.Module):
         return self.pipeline.spec
 
     @property
+    def fused_loss(self) -> bool:
+        """Whether the training graph's loss from `labels` is fused with the output head
+        (`peftc.compile(..., fused_loss=)`): training-mode calls then return logits=None."""
+        return self.pipeline.fused_loss
+
+    @property
     def pass_records(self) -> list[PassRecord]:
         return self.pipeline.pass_records
 

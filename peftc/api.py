@@ -22,6 +22,7 @@ def compile(
     fuse: bool = True,
     dynamic_shapes: Any = None,
     quantize: Any = None,
+    fused_loss: bool = True,
 ) -> AdaptedModel:
     """Trace `model`, plan adapters from `spec`, and graft them into its graph.
 
@@ -33,6 +34,11 @@ def compile(
     The model is traced in its current mode; the other mode is traced on first use, or is
     the eval trace that a data-driven placement or adapter init already read.
     `fuse=False` skips the fusion passes (sibling matmuls, scale folding).
+    `fused_loss` (default True): where the training graph computes the loss from `labels`
+    (example inputs with `labels`), the output head and the cross-entropy run as one chunked
+    op that never forms the [tokens, vocab] logits, and training-mode calls return
+    `logits=None` with the loss; eval mode returns logits as before. `fused_loss=False` keeps
+    the logits (and their memory) in training too.
     `dynamic_shapes` is torch.export's, by input name (`{"x": {2: Dim("time")}}`); inputs it
     leaves out keep batch, sequence, and the free dims of rank-3 float inputs dynamic, as far
     as the model allows. The ONNX export and its verification use the dims the trace resolved.
@@ -50,6 +56,7 @@ def compile(
         fuse=fuse,
         dynamic_shapes=dynamic_shapes,
         quantize=quantize,
+        fused_loss=fused_loss,
     )
     pipeline.build(calibration)
     return AdaptedModel(pipeline)
@@ -64,17 +71,24 @@ def from_peft(
     debug: bool | None = None,
     dynamic_shapes: Any = None,
     quantize: Any = None,
+    fused_loss: bool = True,
 ) -> AdaptedModel:
     """Compile `model` with the spec equivalent to a PEFT adapter and load its weights.
 
-    `quantize` as in `compile`; a model with bitsandbytes layers (QLoRA) is read as it is.
+    `quantize` and `fused_loss` as in `compile`; a model with bitsandbytes layers (QLoRA) is
+    read as it is.
 
     `calibration` is needed only by checkpoints whose frozen part is rebuilt from data (a
     CorDA adapter saved without conversion); data-initialised tensors that the checkpoint
     holds are loaded, not recomputed."""
     config = read_config(adapter_dir)
     pipeline = Pipeline(
-        model, example_inputs, debug=debug, dynamic_shapes=dynamic_shapes, quantize=quantize
+        model,
+        example_inputs,
+        debug=debug,
+        dynamic_shapes=dynamic_shapes,
+        quantize=quantize,
+        fused_loss=fused_loss,
     )
     pipeline.parse_spec(spec_from_peft(config, pipeline.sites))  # the spec follows the sites
     pipeline.build(calibration, loading=True)

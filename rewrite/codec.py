@@ -136,23 +136,34 @@ def quantize_nf4(
     return QuantizedWeight("nf4", tuple(W.shape), dtype or W.dtype, blocksize, tensors)
 
 
+LUT_STEPS = 65535  # bitsandbytes' CPU 8-bit quantizer: [-1, 1] cut into 65536 table slots
+
+
 def _quantize_absmax(values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """bitsandbytes' CPU quantize_blockwise(values, blocksize=256) with the dynamic map
-    (csrc/common.cpp quantize_block): per block the absmax; each value / absmax is searched
-    for the code on its left (the map's first entry read as -1), then moved right when the
-    right neighbour is strictly closer."""
+    """bitsandbytes' CPU quantize_blockwise(values, blocksize=256) with the dynamic map, bit
+    for bit (csrc/cpu_ops.cpp quantize_cpu_impl, bitsandbytes 0.50).
+
+    That kernel does not search the map for each value: per block it takes the absmax and
+    scales by its reciprocal (value * (1 / absmax), not value / absmax), rounds the result to
+    one of 65536 evenly spaced slots, slot = trunc((x + 1) * 0.5 * 65535 + 0.5), and reads a
+    table built once per map (build_quantize_lut): slot k holds the number of midpoints
+    (code[i] + code[i+1]) / 2 that lie strictly below the slot's own value -1 + 2k / 65535.
+    So a value within half a slot (1.5e-5) of a midpoint can get the farther neighbour; the
+    nearest-code rule disagrees there (~0.1% of absmax codes). A block whose absmax is 0
+    stores code 0. Every step is float32, as in the kernel."""
     code2 = dynamic_map().to(values.device)
-    search = code2.clone()
-    search[0] = -1.0
     n = values.numel()
     pad = (-n) % ABSMAX_BLOCKSIZE
-    padded = torch.nn.functional.pad(values, (0, pad)).reshape(-1, ABSMAX_BLOCKSIZE)
-    absmax2 = padded.abs().max(dim=-1)[0]
-    normed = (padded / absmax2.view(-1, 1)).reshape(-1)[:n]
-    left = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, 255)
-    right = (left + 1).clamp(max=255)
-    closer = (normed - search[right]).abs() < (normed - search[left]).abs()
-    index = torch.where(closer & (left < 255), right, left)
+    padded = torch.nn.functional.pad(values.float(), (0, pad)).reshape(-1, ABSMAX_BLOCKSIZE)
+    absmax2 = padded.abs().max(dim=-1)[0]  # zero padding never raises an absolute max
+    scaled = (padded * (1.0 / absmax2).view(-1, 1)).clamp(-1.0, 1.0)
+    slot = ((scaled + 1.0) * 0.5 * LUT_STEPS + 0.5).to(torch.int64)  # truncation, as the C cast
+    k = torch.arange(LUT_STEPS + 1, device=values.device, dtype=torch.float32)
+    slot_value = -1.0 + (2.0 * k) / LUT_STEPS
+    midpoints = 0.5 * (code2[:-1] + code2[1:])
+    table = torch.searchsorted(midpoints, slot_value, side="left")  # midpoints < slot value
+    index = torch.where(absmax2.view(-1, 1) == 0, 0, table[slot.clamp(0, LUT_STEPS)])
+    index = index.reshape(-1)[:n]
     return {"absmax": index.to(torch.uint8), "code2": code2, "absmax2": absmax2}
 
 
@@ -172,8 +183,11 @@ def dequantize_nf4(
     tensors: dict[str, torch.Tensor], shape: tuple[int, ...], blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """The NF4 weight back in `dtype`: code[index] * absmax of its block, in fp32, cast once."""
-    codes = tensors["codes"].reshape(-1)
-    index = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1).long()
+    codes = tensors["codes"].reshape(-1, 1)
+    # high nibble first; written as one broadcast shift rather than a stack of the two halves,
+    # so a compiled graph reads it as a single pointwise kernel with the lookup and scale
+    shift = 4 - 4 * torch.arange(2, device=codes.device, dtype=torch.uint8)
+    index = ((codes >> shift) & 15).reshape(-1).long()
     n = math.prod(shape)
     values = tensors["code"][index[:n]].reshape(-1, blocksize)
     absmax = nf4_absmax(tensors, values.shape[0])

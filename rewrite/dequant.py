@@ -12,13 +12,22 @@ precision. Each dequantized output is remembered here (weakly), and inside
 `recompute_dequantized()` autograd saves, for such a tensor (or a view of it, as linear's
 `W.t()`), only how to rebuild it from the codes: the backward dequantizes again, as
 bitsandbytes does.
+
+A compiled step needs the opposite: an opaque op is one more kernel that Inductor cannot fuse
+or recompute. `inline_dequantize` gives the compile lowering a copy of the graph whose
+dequantize nodes call the codec's plain torch code instead, so Dynamo traces them as ATen ops:
+Inductor fuses each weight's unpack, lookup and scale into one generated kernel, and the
+partitioner recomputes that kernel in the backward from the codes (graph inputs) rather than
+saving the dequantized weight. The eager graph keeps the custom ops and their recipes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -117,3 +126,51 @@ def recompute_dequantized() -> Iterator[None]:
     """Within the block, autograd saves dequantized weights as recipes, not as tensors."""
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         yield
+
+
+def _nf4_inline(codes, code, absmax, code2, absmax2, offset, blocksize, shape, dtype):
+    tensors = _nf4_tensors(codes, code, absmax, code2, absmax2, offset)
+    return dequantize_nf4(tensors, tuple(shape), blocksize, dtype)
+
+
+def _int8_inline(codes, absmax, dtype):
+    return dequantize_int8({"codes": codes, "absmax": absmax}, dtype)
+
+
+def _recomputed(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` as a checkpointed region. Under torch.compile this tags its ATen nodes "prefer
+    recompute", which the min-cut partitioner honours: without the tag it bans recomputing a
+    value that the backward must materialize anyway (the weight feeding grad_input's matmul,
+    functorch partitioners `ban_if_materialized_backward`) and saves every such fp32 weight;
+    with it, the backward dequantizes again from the codes, which are graph inputs."""
+
+    def run(*args: Any) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    return run
+
+
+# each custom op -> the same computation as plain torch code, for a compiled graph
+INLINE = {
+    torch.ops.peftc.dequantize_nf4.default: _nf4_inline,
+    torch.ops.peftc.dequantize_int8.default: _int8_inline,
+}
+RECOMPUTED = {op: _recomputed(fn) for op, fn in INLINE.items()}
+
+
+def inline_dequantize(
+    graph_module: torch.fx.GraphModule, recompute: bool = True
+) -> torch.fx.GraphModule:
+    """`graph_module` itself where it has no dequantize node, else a copy whose dequantize
+    nodes call the codec's torch code (same arguments, same result bit for bit), for
+    torch.compile to trace through. With `recompute` each is a checkpointed region, so the
+    compiled backward dequantizes again instead of keeping the weight (pass False when the
+    whole graph is checkpointed already)."""
+    if not any(n.op == "call_function" and n.target in INLINE for n in graph_module.graph.nodes):
+        return graph_module
+    table = RECOMPUTED if recompute else INLINE
+    graph = copy.deepcopy(graph_module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in INLINE:
+            node.target = table[node.target]
+    return torch.fx.GraphModule(graph_module, graph)

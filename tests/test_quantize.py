@@ -1,11 +1,14 @@
 """A quantized frozen base (spec `quantize:`): training touches only adapters, the packed
-weights are the memory they claim, int8 equals dequantize-then-matmul, merge and ONNX export
-(fp32 and int8) check out with onnxruntime, and bad quantize values fail clearly."""
+weights are the memory they claim, a compiled step equals eager with each dequantize fused
+into one kernel and recomputed in the backward, int8 equals dequantize-then-matmul, merge and
+ONNX export (fp32 and int8) check out with onnxruntime, and bad quantize values fail clearly."""
 
 import copy
+import re
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import peftc
 import rewrite.dequant
@@ -65,6 +68,54 @@ def test_nf4_weights_hold_under_a_third_of_fp32(nf4):
     params = dict(adapted.base.named_parameters())
     for name in records:  # the fp32 weights are gone: each is a one-value shape holder
         assert params[name].untyped_storage().nbytes() <= 4
+
+
+def _step(adapted, x):
+    for p in adapted.trainable_parameters():
+        p.grad = None
+    loss = adapted(**x).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in adapted.trainable_parameters()]
+
+
+def _inputs_of(module_code: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of each input of an Inductor output module (its benchmark
+    harness lists them); symbolic sizes are skipped (a weight's shape is static)."""
+    found = re.findall(r"(\w+) = rand_strided\(\(([\d, ]*)\), .*dtype=torch\.(\w+)\)", module_code)
+    return {n: (tuple(int(d) for d in dims.split(",") if d.strip()), t) for n, dims, t in found}
+
+
+def test_compiled_step_equals_eager_and_recomputes_the_fused_dequantize():
+    adapted = peftc.compile(tiny_llama(layers=1), SPEC, _inputs(), quantize="nf4").train()
+    perturb(adapted.trainable_parameters())
+    x = _inputs(2, 12, seed=5)
+    loss, grads = _step(adapted, x)  # eager: the custom ops, recipes in the backward
+    adapted.compile_for_training()
+    (compiled_loss, compiled_grads), code = run_and_get_code(lambda: _step(adapted, x))
+    assert all(g.abs().max() > 0 for g in grads)
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    for ours, eager in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+    forward, backward = sorted(code, key=lambda c: "tangents_" in c)
+    assert "tangents_" in backward and "tangents_" not in forward
+    weights = {tuple(r.shape) for r in adapted.pipeline.quantized_weights.values()}
+    assert len(weights) == 3  # q (64x64), v (32x64), down (64x96): one shape each
+    # no opaque dequantize call is left: each weight is unpacked, looked up and scaled in one
+    # generated kernel (the matmul stays an extern mm on CPU: see the README's QLoRA section)
+    assert "peftc.dequantize" not in forward + backward
+    kernels = set(re.findall(r"^\s+(cpp_fused\w*rshift\w*)\(", forward, re.M))
+    assert len(kernels) == 3
+    # the backward keeps no fp32 weight: of what the forward saves for it (inputs other than
+    # the graph's own, primals_*), none has a weight's shape; it dequantizes down_proj again
+    # from its uint8 codes (the input gradient through q and v is not needed: nothing
+    # upstream trains)
+    inputs = _inputs_of(backward)
+    saved = {n: v for n, v in inputs.items() if not n.startswith("primals_")}
+    assert saved and not [
+        n for n, (shape, _) in saved.items() if shape in weights or shape[::-1] in weights
+    ]
+    assert re.search(r"^\s+cpp_fused\w*rshift\w*\(", backward, re.M)
+    assert (64 * 96 // 2,) in {shape for shape, dtype in inputs.values() if dtype == "uint8"}
 
 
 def test_merge_then_fp32_and_int8_onnx_of_nf4(nf4, tmp_path):
