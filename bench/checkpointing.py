@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.profiler._memory_profiler import MemoryProfileTimeline  # noqa: E402
 
 import peftc  # noqa: E402
+from bench.step_memory import adamw_step, peak_step_bytes  # noqa: E402
 
 SPEC = {"adapters": [{"method": "lora", "targets": "all-linear", "rank": 16, "alpha": 32}]}
 MODES = ("none", "whole", "blocks", "blocks_save_matmuls")
@@ -63,24 +62,7 @@ def build(args, mode: str):
             adapted.pipeline.runners[True] = compile_program(
                 adapted.pipeline.program(True), activation_checkpointing=True
             )
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-4)
-
-    def step() -> float:
-        loss = adapted(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
-def peak_step_bytes(step) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:  # fmt: skip
-        step()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    return int(max(sum(s) for s in sizes))
+    return adamw_step(adapted, inputs)
 
 
 def main() -> None:

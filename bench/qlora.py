@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.profiler._memory_profiler import MemoryProfileTimeline  # noqa: E402
 
+from bench.step_memory import adamw_step, peak_step_bytes  # noqa: E402
 from rewrite.files import staged  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -109,28 +108,6 @@ def bnb_weight_bytes(model) -> int:
     return total
 
 
-def step_fn(model, inputs, owner=None):
-    params = [p for p in (owner or model).parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
-def peak_step_bytes(step) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:  # fmt: skip
-        step()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    return int(max(sum(s) for s in sizes))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=1024)
@@ -152,12 +129,12 @@ def main() -> None:
     ours.train(), theirs.train()
     ours_compiled.compile_for_training()
     steps = {
-        "peftc": step_fn(ours, inputs),
-        "peftc_compiled": step_fn(ours_compiled, inputs),
-        "peft_bnb": step_fn(theirs, inputs),
+        "peftc": adamw_step(ours, inputs),
+        "peftc_compiled": adamw_step(ours_compiled, inputs),
+        "peft_bnb": adamw_step(theirs, inputs),
     }
     compiled_theirs = torch.compile(theirs_compiled, backend="inductor")
-    steps["peft_bnb_compiled"] = step_fn(compiled_theirs, inputs, theirs_compiled)
+    steps["peft_bnb_compiled"] = adamw_step(compiled_theirs, inputs, theirs_compiled)
     failed: dict[str, str] = {}
     losses, compile_s = {}, {}
     for name, step in list(steps.items()):
