@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import torch
 
@@ -20,24 +19,19 @@ from passes.pipeline import Pipeline
 from rewrite.passes import PassManager
 from rewrite.program import Program
 from rewrite.sites import find_sites, mark_output_head
+from rewrite.swap import swapped_parameters
 from rewrite.trace import trace
 
 
-@contextlib.contextmanager
-def parameters_as(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+def parameters_as(model: torch.nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Every floating parameter of `model` replaced by an empty one in `dtype`, then restored."""
-    saved = []
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_floating_point() and param.dtype != dtype:
-                saved.append((module, name, param))
-                stand_in = torch.empty(param.shape, dtype=dtype, device=param.device)
-                module._parameters[name] = torch.nn.Parameter(stand_in, requires_grad=False)
-    try:
-        yield
-    finally:
-        for module, name, param in saved:
-            module._parameters[name] = param
+
+    def stand_in(param: torch.nn.Parameter) -> torch.Tensor | None:
+        if not param.is_floating_point() or param.dtype == dtype:
+            return None
+        return torch.empty(param.shape, dtype=dtype, device=param.device)
+
+    return swapped_parameters(model, stand_in)
 
 
 def programs_in(pipeline: Pipeline, dtype: torch.dtype) -> dict[bool, Program]:

@@ -37,6 +37,7 @@ from rewrite.program import BUFFER, PARAMETER, Program
 from rewrite.quantize_config import QuantizeConfig
 from rewrite.sites import Site, SiteIndex, is_linear_layer
 from rewrite.spec import SpecError
+from rewrite.swap import swapped_parameters
 
 QUANT_PREFIX = "quantized."
 META_KEY = "peftc_quantized"  # on a dequantize node: the weight name it stands for
@@ -166,20 +167,10 @@ class QuantizedBase:
     def dense_base(self) -> Iterator[None]:
         """Put the dequantized weights into the model's parameters for the duration (a trace
         that must see real values: the fp16 export); the shape holders come back after."""
-        dense = self.dense_weights()
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        saved = []
-        for module in self.model.modules():
-            for leaf, param in list(module._parameters.items()):
-                for name, value in dense.items():
-                    if param is params[name]:
-                        saved.append((module, leaf, param))
-                        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        try:
+        dense = {id(params[name]): value for name, value in self.dense_weights().items()}
+        with swapped_parameters(self.model, lambda param: dense.get(id(param))):
             yield
-        finally:
-            for module, leaf, param in saved:
-                module._parameters[leaf] = param
 
     def base_weight_bytes(
         self, base_state: Mapping[str, torch.Tensor], quantized_only: bool = False
