@@ -50,7 +50,7 @@ def _base_model(adapted: Any) -> torch.nn.Module:
     return adapted.model if isinstance(adapted, Pipeline) else adapted.base
 
 
-def _pipelines(adapters: Sequence) -> list[Pipeline]:
+def checked_pipelines(adapters: Sequence) -> list[Pipeline]:
     """The adapters' pipelines, checked first (on their public `base`/`model` and `plan`):
     one base model object, batchable methods on linear layers only."""
     if not adapters:
@@ -182,7 +182,7 @@ def multi_adapter_module(adapters: Sequence) -> tuple[torch.fx.GraphModule, dict
     """The base graph with every adapter stacked in; returns it and example inputs (with ids).
 
     `adapters` are AdaptedModels (or their Pipelines) on one base model."""
-    first = _pipelines(adapters)[0]
+    first = checked_pipelines(adapters)[0]
     example = first.example_inputs
     # a fresh base trace: the pipelines' own traces are (or become) their adapted graphs
     program = trace(first.model, example, training=False)

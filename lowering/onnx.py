@@ -265,16 +265,22 @@ def export_module(
     dynamic: bool = True,
     ort_fusions: bool = True,
     dims: Dims | None = None,
+    dynamic_shapes: tuple | None = None,
+    fusion_check: Mapping[str, torch.Tensor] | None = None,
+    finish: Callable[[Any], None] | None = None,
 ) -> ExportReport:
     """Export `module(**inputs)` to `path` through the shared pipeline (no verification).
     `dims` are the dims a trace resolved (Program.input_dims); without them, batch and
-    sequence are dynamic."""
+    sequence are dynamic. `dynamic_shapes` (torch.export's form, one entry per input) replaces
+    both; the fused graph is test-run on `fusion_check` (default: `inputs`); `finish` edits the
+    onnx_ir model last, just before it is written."""
     names = list(inputs)
     module = module.eval()
     with torch.no_grad():
         reference = module(**inputs)
     outs = output_names(reference)
-    dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
+    if dynamic_shapes is None:
+        dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
     try:
         with torch.no_grad(), _quiet_exporter(), _torchlib_registry_once():
             program = torch.onnx.export(
@@ -300,7 +306,9 @@ def export_module(
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     fusions = {}
     if ort_fusions:
-        fusions = _fuse_for_ort(program, inputs, check=size < EXTERNAL_DATA_BYTES)
+        fusions = _fuse_for_ort(program, fusion_check or inputs, check=size < EXTERNAL_DATA_BYTES)
+    if finish is not None:
+        finish(program.model)
     with staged(path, make_parents=True) as tmp:
         _save(program, tmp, external=size > EXTERNAL_DATA_BYTES)
     return ExportReport(

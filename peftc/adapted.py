@@ -261,6 +261,23 @@ class AdaptedModel(torch.nn.Module):
 
         return export_merged(self.pipeline, path, dtype=dtype, opset=opset, dynamic=dynamic)
 
+    def export_genai(
+        self,
+        directory: str,
+        dtype: str = "fp32",
+        *,
+        model_dir: str | None = None,
+        check: bool = True,
+    ) -> Any:
+        """Merge the adapters and write an onnxruntime-genai package to `directory`: a decoder
+        ONNX graph with a KV cache and genai_config.json (plus the tokenizer files of
+        `model_dir`), verified by onnxruntime-genai's greedy tokens against transformers'
+        `generate` on the merged model (GenaiReport). Several adapters in one package:
+        `lowering.genai.export_genai(adapters, directory, mode="inputs" | "mixed")`."""
+        from lowering.genai import export_genai
+
+        return export_genai(self.pipeline, directory, dtype=dtype, model_dir=model_dir, check=check)
+
 
 @functools.cache
 def adapted_class(base_class: type) -> type:

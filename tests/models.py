@@ -28,6 +28,25 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_qwen2(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A Qwen2 decoder: GQA, biases on q/k/v and a tied output head."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -142,3 +161,16 @@ def tiny_bert(seed: int = 0, layers: int = 2, masked_lm: bool = False) -> torch.
         attention_probs_dropout_prob=0.0,
     )
     return (BertForMaskedLM if masked_lm else BertModel)(config).eval()
+
+
+def save_word_tokenizer(directory, vocab: int = 128) -> None:
+    """Tokenizer files for a tiny model directory: one word per token id, `t0` ... (the
+    onnxruntime-genai model builder loads a tokenizer; nothing downloads one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0"
+    ).save_pretrained(str(directory))

@@ -2,15 +2,22 @@
 
     peftc export --model M --adapter DIR --out model.onnx [--dtype fp16] [--opset N]
     peftc export --model M --adapters A1 A2 A3 --multi --out model.onnx
+    peftc export --model HF_DIR --adapter DIR --genai --out PACKAGE_DIR [--dtype fp16]
+    peftc export --model HF_DIR --adapters A1 A2 --genai [--multi] --out PACKAGE_DIR
 
 The first folds the adapter (a PEFT `save_pretrained` directory or one saved by peftc) into
 the base weights; the second keeps LoRA adapters unmerged and stacked in one graph with an
 extra `adapter_ids` input. Both check the file with onnxruntime before they return.
+`--genai` writes a decoder LLM with a KV cache as an onnxruntime-genai package instead
+(lowering/genai.py): one adapter merged; several as `.onnx_adapter` files for `og.Adapters`;
+several with `--multi` mixed per row by `adapter_ids`. It is checked with onnxruntime-genai's
+greedy search against transformers' `generate`.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import peftc
 from lowering.multi_adapter import export_multi
@@ -32,7 +39,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="one graph serving all --adapters, picked per example by an adapter_ids input",
     )
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--genai",
+        action="store_true",
+        help="an onnxruntime-genai package (KV-cache decoder, genai_config.json) in --out",
+    )
+    p.add_argument("--out", required=True, help="the .onnx file (with --genai: directory)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
     p.add_argument(
@@ -46,6 +58,17 @@ def add_parser(sub) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.genai:
+        if bool(args.adapter) == bool(args.adapters):
+            raise ValueError("--genai takes one --adapter DIR, or several as --adapters DIR ...")
+        if args.multi and args.dtype != "fp32":
+            raise ValueError("--genai --multi exports fp32 only; drop --dtype")
+        if args.static or args.opset is not None or args.no_ort_fusions:
+            raise ValueError(
+                "--genai exports dynamic shapes with the ORT fusions at the exporter's opset; "
+                "drop --static, --opset and --no-ort-fusions"
+            )
+        return
     if args.multi:
         if args.adapter or not args.adapters:
             raise ValueError("--multi takes its adapters as --adapters DIR [DIR ...]")
@@ -65,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     inputs = example_inputs(model)
     fusions = not args.no_ort_fusions
+    if args.genai:
+        return _genai(args, model, inputs)
     if args.multi:
         adapters = [peftc.from_peft(model, d, inputs).eval() for d in args.adapters]
         report = export_multi(adapters, args.out, opset=args.opset, ort_fusions=fusions)
@@ -79,5 +104,23 @@ def run(args: argparse.Namespace) -> int:
             dynamic=not args.static,
             ort_fusions=fusions,
         )
+    print(report.summary())
+    return 0
+
+
+def _genai(args: argparse.Namespace, model, inputs) -> int:
+    from lowering.genai import export_genai
+
+    if args.adapter:
+        adapted = peftc.from_peft(model, args.adapter, inputs).eval()
+        print(adapted.summary())
+        adapters, mode, names = adapted, "merged", None
+    else:
+        adapters = [peftc.from_peft(model, d, inputs).eval() for d in args.adapters]
+        mode = "mixed" if args.multi else "inputs"
+        names = [Path(d).resolve().name for d in args.adapters]
+    report = export_genai(
+        adapters, args.out, mode=mode, dtype=args.dtype, names=names, model_dir=args.model
+    )
     print(report.summary())
     return 0
