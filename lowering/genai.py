@@ -36,6 +36,12 @@ from typing import Any
 
 import torch
 
+from lowering.genai_graph import (
+    cache_read_by_attention_only,
+    constant_rope_cache,
+    lengths_from_mask,
+    pack_qkv,
+)
 from lowering.multi_adapter import IDS, checked_pipelines, stacked_lora
 from lowering.onnx import DTYPES, OnnxExportError, export_module
 from passes.merge import merged_biases, merged_weights
@@ -315,7 +321,7 @@ def _zero_defaults(names: Sequence[str]):
 # -- the package ---------------------------------------------------------------------------
 
 
-def genai_config(model: torch.nn.Module, shape: DecoderShape) -> dict:
+def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool) -> dict:
     """onnxruntime-genai's genai_config.json for the package (the model builder's layout;
     onnxruntime-genai refuses keys it does not know, so nothing of peftc's goes in)."""
     config = model.config
@@ -364,9 +370,10 @@ def genai_config(model: torch.nn.Module, shape: DecoderShape) -> dict:
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # the cache grows by concatenation (present = past + new), not in a preallocated
-            # buffer: the exported attention writes a new present tensor each step
-            "past_present_share_buffer": False,
+            # one preallocated buffer for past and present where only GroupQueryAttention
+            # reads the cache (lowering/genai_graph.py); else present = past + new, a new
+            # tensor at each step
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -443,7 +450,15 @@ def export_genai(
         extra = {IDS: torch.tensor([0, len(many) - 1], dtype=torch.int64)}
     example.update(extra)
     step.update(extra)
-    finish = _zero_defaults(list(extra)) if mode == "inputs" else None
+    edits: dict[str, int] = {}
+
+    def finish(graph) -> None:
+        edits["packed_qkv"] = pack_qkv(graph)
+        edits["lengths_from_mask"] = int(lengths_from_mask(graph))
+        edits["constant_rope_cache"] = int(constant_rope_cache(graph, shape.context))
+        edits["shared_cache_buffer"] = int(cache_read_by_attention_only(graph))
+        if mode == "inputs":
+            _zero_defaults(list(extra))(graph)
 
     was_training = model.training
     model.eval()
@@ -470,11 +485,11 @@ def export_genai(
                 directory / f"{name}.onnx_adapter", _adapter_tensors(stacked, i, torch_dtype)
             )
             files.append(f"{name}.onnx_adapter")
-    config = genai_config(model, shape)
+    config = genai_config(model, shape, share_buffer=bool(edits["shared_cache_buffer"]))
     write_atomic(directory / "genai_config.json", json.dumps(config, indent=2) + "\n")
     files.append("genai_config.json")
     files += _copy_tokenizer(model_dir, directory)
-    result = GenaiReport(str(directory), mode, dtype, files, fusions=report.fusions)
+    result = GenaiReport(str(directory), mode, dtype, files, fusions={**report.fusions, **edits})
     if check:
         result.tokens = verify_genai(
             directory, pipelines, mode, dtype, names, prompt, max_new_tokens

@@ -88,8 +88,18 @@ def test_cli_writes_a_merged_package_that_genai_runs_with_peft_tokens(qwen2, tmp
     ]
     assert outputs == ["logits", "present.0.key", "present.0.value"]
     assert "GroupQueryAttention" in ops  # the fused attention the model builder also uses
-    config = json.loads((out / "genai_config.json").read_text())["model"]
-    assert (config["type"], config["decoder"]["num_key_value_heads"]) == ("qwen2", 2)
+    # as the builder writes it: q, k, v packed into one MatMul (biases into one Add), and the
+    # cache read by the attention alone, so genai may share one buffer for past and present
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    (gqa,) = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert list(gqa.input[1:3]) == ["", ""]
+    assert [n.op_type for n in graph.node if set(n.input) & {"past_key_values.0.key"}] == [
+        "GroupQueryAttention"
+    ]
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    model = config["model"]
+    assert (model["type"], model["decoder"]["num_key_value_heads"]) == ("qwen2", 2)
 
     got = genai_tokens(out, [PROMPT], NEW)[0]
     assert got != hf_tokens(base, [PROMPT], NEW)[0]  # the adapter changes the tokens
