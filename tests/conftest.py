@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import uuid  # noqa: E402
+from collections import Counter  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,6 +28,36 @@ from tests import shared_traces  # noqa: E402
 from tests.method_cases import SharedModels  # noqa: E402
 
 shared_traces.install()
+
+
+# The files that take longest (a minute or more each on the 2-core machine), in that order.
+# xdist's loadfile hands out whole files in collection order, by default the files with the
+# most tests first; these have few tests, so they went last and the other worker sat idle
+# while one of them ran. Longest first, then the rest as xdist orders them.
+SLOW_FILES = (
+    "test_random_nets.py",
+    "test_distributed.py",
+    "test_onnx_export.py",
+    "test_genai.py",
+    "test_onnx_multi.py",
+    "test_quantize.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    counts = Counter(item.path.name for item in items)
+
+    def rank(item):
+        name = item.path.name
+        slow = SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+        return (slow, -counts[name], name)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 @pytest.fixture(autouse=True)

@@ -118,14 +118,20 @@ def test_export_genai_fp16_equals_peft_merged_in_fp16(llama, tmp_path):
     assert model.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
-def test_adapter_files_switch_per_generator_and_match_each_merged_model(llama, tmp_path):
+@pytest.fixture(params=["llama", "qwen2"])
+def pair(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_adapter_files_switch_per_generator_and_match_each_merged_model(pair, tmp_path):
     """onnxruntime-genai's way: LoRA tensors as graph inputs, one .onnx_adapter per adapter."""
-    base, adapters = llama
+    base, adapters = pair
     out = tmp_path / "pkg"
     export_genai(adapters, out, mode="inputs", names=["math", "chat"])
     inputs, _, _ = graph_io(out / "model.onnx")
     adapter_inputs = [n for n in inputs if ".lora_" in n]
-    assert len(adapter_inputs) == 2 * 2 * len(TARGETS)  # A and B per site, 2 layers
+    layers = base.config.num_hidden_layers
+    assert len(adapter_inputs) == 2 * layers * len(TARGETS)  # A and B per site
     file_params = og_adapter_names(out / "math.onnx_adapter")
     assert file_params == set(adapter_inputs)  # the names in the graph and in the files match
 
@@ -159,9 +165,9 @@ def run_with(model, adapter) -> list[int]:
     return [int(t) for t in generator.get_sequence(0)]
 
 
-def test_rows_of_one_batch_decode_with_their_own_adapters(qwen2, tmp_path):
+def test_rows_of_one_batch_decode_with_their_own_adapters(pair, tmp_path):
     """peftc's per-row mixing in the KV-cache decoder: adapter_ids picks each row's adapter."""
-    base, adapters = qwen2
+    base, adapters = pair
     out = tmp_path / "pkg"
     export_genai(adapters, out, mode="mixed")
     assert "adapter_ids" in graph_io(out / "model.onnx")[0]
