@@ -9,10 +9,14 @@ the traced range does not recompile.
 
 Dynamo guards on each input's `requires_grad`, so a float input that sometimes needs a
 gradient (a transformer block's hidden states: the first block's do not, the rest do, see
-pytorch#141039) would compile twice. Here such inputs always enter the compiled graph
-requiring grad; when the caller's tensor did not, it is a detached alias whose gradient is
-dropped. The price is computing that input's gradient in the backward. Under
-`torch.no_grad()` nothing is changed.
+pytorch#141039) would recompile, and recompile again at each flip once the cache limit is
+reached. Making such inputs always require grad avoids that but computes a gradient no one
+asked for: a vision model's `pixel_values` paid for the patch-embedding backward at every
+step. Here each pattern of which float inputs need a gradient (and grad mode) gets its own
+compiled function, compiled once, the first time it is seen: the usual single pattern
+compiles once and does no input-gradient work, and a block whose input flips compiles the
+two variants once each and never recompiles. They are separate functions to Dynamo (each
+its own code object, so its own cache), not recompiles of one.
 
 A quantized base's dequantize nodes are custom ops in the program's graph (eager autograd
 keeps recipes for them, rewrite/dequant.py); the compiled copy has them inlined as the codec's
@@ -55,29 +59,47 @@ def compile_program(
         def fn(*args: Any) -> Any:
             return torch.utils.checkpoint.checkpoint(graph_module, *args, use_reentrant=False)
 
-    compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=dynamic, mode=mode)
     user_inputs = [i for i, slot in enumerate(program.slots) if slot.kind == USER_INPUT]
+    variants: dict[tuple[bool, ...], Callable[..., Any]] = {}
 
     def run(*args: Any) -> Any:
-        return compiled(*_inputs_requiring_grad(args, user_inputs))
+        key = grad_pattern(args, user_inputs)
+        compiled = variants.get(key)
+        if compiled is None:
+            compiled = variants[key] = torch.compile(
+                _own_function(fn, f"peftc_step_{len(variants)}"),
+                backend="inductor",
+                fullgraph=True,
+                dynamic=dynamic,
+                mode=mode,
+            )
+        return compiled(*args)
 
     return run
 
 
-def _inputs_requiring_grad(args: tuple[Any, ...], positions: list[int]) -> tuple[Any, ...]:
-    """`args` with every float tensor at `positions` requiring grad (see the module note)."""
+def grad_pattern(args: tuple[Any, ...], positions: list[int]) -> tuple[bool, ...]:
+    """Grad mode, then for each float tensor at `positions` whether it requires grad: what
+    Dynamo would guard on, and so what picks the compiled variant (see the module note)."""
     if not torch.is_grad_enabled():
-        return args
-    out = list(args)
-    for i in positions:
-        value = out[i]
-        if (
-            isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-            and not value.requires_grad
-        ):
-            out[i] = value.detach().requires_grad_()
-    return tuple(out)
+        return (False,)
+    flags = [
+        args[i].requires_grad
+        for i in positions
+        if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()
+    ]
+    return (True, *flags)
+
+
+def _own_function(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A function calling `fn`, with a code object of its own: Dynamo keeps its compiled
+    code per code object, so each variant compiles on its own instead of recompiling one."""
+
+    def call(*args: Any) -> Any:
+        return fn(*args)
+
+    call.__code__ = call.__code__.replace(co_name=name)
+    return call
 
 
 def compile_pipeline(
