@@ -460,10 +460,12 @@ def export_genai(
         if mode == "inputs":
             _zero_defaults(list(extra))(graph)
 
-    was_training = model.training
-    model.eval()
     try:
-        with _weights(pipelines[0], mode, torch_dtype), _hooked(decoder, stacked, mode):
+        with (
+            _eval_mode(model),
+            _weights(pipelines[0], mode, torch_dtype),
+            _hooked(decoder, stacked, mode),
+        ):
             report = export_module(
                 decoder,
                 example,
@@ -476,8 +478,6 @@ def export_genai(
         raise GenaiError(
             f"the KV-cache decoder of {type(model).__name__} did not export: {e}"
         ) from e
-    finally:
-        model.train(was_training)
     files = ["model.onnx"]
     if mode == "inputs":
         for i, name in enumerate(names):
@@ -499,7 +499,8 @@ def export_genai(
 
 @contextlib.contextmanager
 def _weights(pipeline: Pipeline, mode: str, dtype: torch.dtype) -> Iterator[None]:
-    """The base weights the decode graph is exported with: merged, or the base's own (cast)."""
+    """The base weights the decode graph is exported with: merged ("merged"), or the base's
+    own, cast (any other mode)."""
     if mode == "merged":
         with _merged_in(pipeline, dtype):
             yield
@@ -594,13 +595,18 @@ def _until_eos(tokens: list[int], model: torch.nn.Module, start: int) -> list[in
     return tokens
 
 
-def _merged_reference(pipeline: Pipeline, dtype: torch.dtype, prompts, n) -> list[list[int]]:
-    model = pipeline.model
+def _reference(pipeline: Pipeline, mode: str, dtype: torch.dtype, prompts, n) -> list[list[int]]:
+    """transformers' greedy tokens on the weights `mode` exports: merged, or the base's."""
+    with _eval_mode(pipeline.model), _weights(pipeline, mode, dtype):
+        return hf_tokens(pipeline.model, prompts, n)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with _merged_in(pipeline, dtype):
-            return hf_tokens(model, prompts, n)
+        yield
     finally:
         model.train(was_training)
 
@@ -641,36 +647,23 @@ def verify_genai(
         print(f"verify {Path(directory).name} ({case}): genai == transformers, {len(got)} tokens")
 
     if mode == "merged":
-        want = _merged_reference(pipelines[0], torch_dtype, [prompt], max_new_tokens)[0]
+        want = _reference(pipelines[0], "merged", torch_dtype, [prompt], max_new_tokens)[0]
         check("merged", _run(og, model, [prompt], max_new_tokens)[0], want)
     elif mode == "inputs":
         adapters = og.Adapters(model)
         for name in names:
             adapters.load(str(Path(directory) / f"{name}.onnx_adapter"), name)
         for pipeline, name in zip(pipelines, names):
-            want = _merged_reference(pipeline, torch_dtype, [prompt], max_new_tokens)[0]
+            want = _reference(pipeline, "merged", torch_dtype, [prompt], max_new_tokens)[0]
             got = _run(og, model, [prompt], max_new_tokens, adapter=(adapters, name))[0]
             check(name, got, want)
-        base = _base_reference(pipelines[0], torch_dtype, [prompt], max_new_tokens)[0]
+        base = _reference(pipelines[0], "base", torch_dtype, [prompt], max_new_tokens)[0]
         check("no adapter", _run(og, model, [prompt], max_new_tokens)[0], base)
     else:
         rows = list(range(len(pipelines)))
         prompts = [prompt] * len(rows)
         got = _run(og, model, prompts, max_new_tokens, inputs={IDS: torch.tensor(rows).numpy()})
         for row, pipeline in zip(rows, pipelines):
-            want = _merged_reference(pipeline, torch_dtype, [prompt], max_new_tokens)[0]
+            want = _reference(pipeline, "merged", torch_dtype, [prompt], max_new_tokens)[0]
             check(f"row {row}: {names[row]}", got[row], want)
     return results
-
-
-def _base_reference(pipeline: Pipeline, dtype: torch.dtype, prompts, n) -> list[list[int]]:
-    from lowering.onnx import _cast_tensors
-
-    model = pipeline.model
-    was_training = model.training
-    model.eval()
-    try:
-        with _cast_tensors(model, dtype):
-            return hf_tokens(model, prompts, n)
-    finally:
-        model.train(was_training)
