@@ -36,12 +36,7 @@ from typing import Any
 
 import torch
 
-from lowering.genai_graph import (
-    cache_read_by_attention_only,
-    constant_rope_cache,
-    lengths_from_mask,
-    pack_qkv,
-)
+from lowering.genai_graph import builder_edits
 from lowering.multi_adapter import IDS, checked_pipelines, stacked_lora
 from lowering.onnx import DTYPES, OnnxExportError, export_module
 from passes.merge import merged_biases, merged_weights
@@ -301,21 +296,20 @@ def _adapter_tensors(stacked: Mapping, index: int, dtype: torch.dtype) -> dict:
     return out
 
 
-def _zero_defaults(names: Sequence[str]):
-    """An onnx_ir edit: each named graph input also gets an initializer of zeros, its value
-    when no adapter is active (an ONNX input with an initializer is an overridable default)."""
+def _zero_defaults(model, names: Sequence[str]) -> None:
+    """Each named graph input of the onnx_ir `model` also gets an initializer of zeros, its
+    value when no adapter is active (an ONNX input with an initializer is an overridable
+    default)."""
     import numpy as np
     import onnx_ir as ir
 
-    def finish(model) -> None:
-        for value in model.graph.inputs:
-            if value.name in names:
-                dims = [int(d) for d in value.shape]
-                dtype = value.type.dtype.numpy()
-                value.const_value = ir.tensor(np.zeros(dims, dtype=dtype), name=value.name)
-                model.graph.register_initializer(value)
-
-    return finish
+    for value in model.graph.inputs:
+        if value.name in names:
+            dims = [int(d) for d in value.shape]
+            value.const_value = ir.tensor(
+                np.zeros(dims, dtype=value.type.dtype.numpy()), name=value.name
+            )
+            model.graph.register_initializer(value)
 
 
 # -- the package ---------------------------------------------------------------------------
@@ -453,12 +447,9 @@ def export_genai(
     edits: dict[str, int] = {}
 
     def finish(graph) -> None:
-        edits["packed_qkv"] = pack_qkv(graph)
-        edits["lengths_from_mask"] = int(lengths_from_mask(graph))
-        edits["constant_rope_cache"] = int(constant_rope_cache(graph, shape.context))
-        edits["shared_cache_buffer"] = int(cache_read_by_attention_only(graph))
+        edits.update(builder_edits(graph, shape.context))
         if mode == "inputs":
-            _zero_defaults(list(extra))(graph)
+            _zero_defaults(graph, list(extra))
 
     try:
         with (

@@ -85,8 +85,6 @@ def pack_qkv(model: ir.Model) -> int:
         gqa.replace_input_with(1, None)
         gqa.replace_input_with(2, None)
         packed += 1
-    if packed:
-        _drop_unused(model)
     return packed
 
 
@@ -110,7 +108,6 @@ def lengths_from_mask(model: ir.Model) -> bool:
     for gqa in nodes:
         gqa.replace_input_with(5, seqlens32.outputs[0])
         gqa.replace_input_with(6, width32.outputs[0])
-    _drop_unused(model)
     return True
 
 
@@ -151,7 +148,6 @@ def constant_rope_cache(model: ir.Model, context: int) -> bool:
     for i, (gqa, (cos, sin)) in enumerate(zip(nodes, tables)):
         gqa.replace_input_with(7, _initializer(graph, f"genai.cos_cache.{i}", cos))
         gqa.replace_input_with(8, _initializer(graph, f"genai.sin_cache.{i}", sin))
-    _drop_unused(model)
     return True
 
 
@@ -178,7 +174,16 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _drop_unused(model: ir.Model) -> None:
+def builder_edits(model: ir.Model, context: int) -> dict[str, int]:
+    """All three edits, then the nodes they left unused dropped (once); returns what each did
+    and whether the cache may share one buffer (`shared_cache_buffer`)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    done = {
+        "packed_qkv": pack_qkv(model),
+        "lengths_from_mask": int(lengths_from_mask(model)),
+        "constant_rope_cache": int(constant_rope_cache(model, context)),
+    }
     RemoveUnusedNodesPass()(model)
+    done["shared_cache_buffer"] = int(cache_read_by_attention_only(model))
+    return done
