@@ -11,13 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 96) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -143,7 +143,9 @@ def restored(adapted):
         adapted.train(training)
 
 
-def tiny_bert(seed: int = 0, layers: int = 2, masked_lm: bool = False) -> torch.nn.Module:
+def tiny_bert(
+    seed: int = 0, layers: int = 2, masked_lm: bool = False, hidden: int = 32
+) -> torch.nn.Module:
     """A BERT encoder with a pooler: one linear outside the repeated blocks, which a loss on
     mean-pooled `last_hidden_state` never reads. `masked_lm`: BertForMaskedLM instead, whose
     output embeddings are `cls.predictions.decoder`."""
@@ -151,8 +153,8 @@ def tiny_bert(seed: int = 0, layers: int = 2, masked_lm: bool = False) -> torch.
 
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         vocab_size=128,
