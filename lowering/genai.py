@@ -208,13 +208,13 @@ def _dynamic_shapes(inputs: Mapping[str, torch.Tensor]) -> tuple:
 # -- the adapters' three forms -------------------------------------------------------------
 
 
-def _module_weight(model: torch.nn.Module, site: Any) -> tuple[torch.nn.Module, str]:
-    """The module and leaf name that hold a site's weight in the model's own tables (the
-    module at the site's path for a layer, so that a tied head is merged alone)."""
-    module = model.get_submodule(site.path) if site.path else model
+def _module_weight(model: torch.nn.Module, path: str, weight: str) -> tuple[torch.nn.Module, str]:
+    """The module and leaf name that hold the weight `weight` of the site at `path` in the
+    model's own tables (the module at the path for a layer, so a tied head is merged alone)."""
+    module = model.get_submodule(path) if path else model
     if "weight" in getattr(module, "_parameters", {}):
         return module, "weight"
-    owner, _, leaf = site.weight.rpartition(".")
+    owner, _, leaf = weight.rpartition(".")
     return model.get_submodule(owner), leaf
 
 
@@ -232,16 +232,14 @@ def _merged_in(pipeline: Pipeline, dtype: torch.dtype) -> Iterator[None]:
     saved = []
     with pipeline.dense_base(), _cast_tensors(model, dtype):
         try:
-            for a in assignments:
-                module, leaf = _module_weight(model, a.site)
+            for owner in merged:  # whole sites: a packed projection's slices merge into one
+                module, leaf = _module_weight(model, owner, pipeline.sites[owner].weight)
                 saved.append((module, leaf, module._parameters[leaf]))
-                module._parameters[leaf] = torch.nn.Parameter(
-                    merged[a.site.path], requires_grad=False
-                )
-                if a.site.path in biases and getattr(module, "bias", None) is not None:
+                module._parameters[leaf] = torch.nn.Parameter(merged[owner], requires_grad=False)
+                if owner in biases and getattr(module, "bias", None) is not None:
                     saved.append((module, "bias", module._parameters["bias"]))
                     module._parameters["bias"] = torch.nn.Parameter(
-                        biases[a.site.path], requires_grad=False
+                        biases[owner], requires_grad=False
                     )
             yield
         finally:

@@ -81,27 +81,40 @@ def checked_pipelines(adapters: Sequence) -> list[Pipeline]:
 
 
 def stacked_lora(adapters: Sequence) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """site path -> (A [n, r_max, in], -s·B [n, out, r_max]) in fp32; zeros where an adapter
-    skips a site, so that example rows pass through the base layer unchanged.
+    """whole site path -> (A [n, r_max, in], -s·B [n, out, r_max]) in fp32; zeros where an
+    adapter skips a site, so that example rows pass through the base layer unchanged.
 
     B is stored negated and the update subtracted (y = base - bmm(h, -sB)): an `Add` after a
     projection is what onnxscript's MHA-bias fusion takes for a bias, and it would swallow the
-    [batch, seq, out] update as one (onnxruntime then refuses to run). The negation is exact."""
-    by_site: dict[str, list] = {}
+    [batch, seq, out] update as one (onnxruntime then refuses to run). The negation is exact.
+    Slices of a packed projection are one LoRA on the whole weight: their A matrices stacked
+    along the rank and each B placed at its slice's rows, zero elsewhere."""
+    by_site: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+    whole: dict[str, Any] = {}
     for i, pipeline in enumerate(pipeline_of(a) for a in adapters):
         state = pipeline.state()
         for a in pipeline.plan.assignments:
-            A = state[param_target(a.method, a.site, "lora_A")].detach().float()
-            B = state[param_target(a.method, a.site, "lora_B")].detach().float()
-            by_site.setdefault(a.site.path, []).append((i, a.site, A, -B * a.method.scaling))
+            site = a.site
+            A = state[param_target(a.method, site, "lora_A")].detach().float()
+            B = -state[param_target(a.method, site, "lora_B")].detach().float() * a.method.scaling
+            whole[site.owner] = pipeline.sites[site.owner]
+            if site.rows is not None:
+                rows = torch.zeros(whole[site.owner].out_features, B.shape[1])
+                rows[site.rows[0] : site.rows[1]] = B
+                B = rows
+            by_site.setdefault(site.owner, {}).setdefault(i, []).append((A, B))
     out = {}
     n = len(adapters)
-    for path, entries in by_site.items():
-        site = entries[0][1]
-        rank = max(A.shape[0] for _, _, A, _ in entries)
+    for path, per_adapter in by_site.items():
+        site = whole[path]
+        joined = {
+            i: (torch.cat([A for A, _ in pairs]), torch.cat([B for _, B in pairs], dim=1))
+            for i, pairs in per_adapter.items()
+        }
+        rank = max(A.shape[0] for A, _ in joined.values())
         A_stack = torch.zeros(n, rank, site.in_features)
         B_stack = torch.zeros(n, site.out_features, rank)
-        for i, _, A, B in entries:
+        for i, (A, B) in joined.items():
             A_stack[i, : A.shape[0]] = A
             B_stack[i, :, : B.shape[1]] = B
         out[path] = (A_stack, B_stack)

@@ -4,6 +4,8 @@ Each adapted site's op is fed `merged_weight(W, p)` (and `merged_bias`, where th
 changes the bias) and the adapter snippet is dropped.
 Merging runs in fp32 and casts once to the weight's dtype (or a requested one). A weight shared
 by several sites (tied embeddings) gets a merged copy of its own under `<site path>.weight`.
+Slices of a packed projection merge into their rows of the one weight (keyed by the whole
+site's path, `Site.owner`); the rows no slice adapts stay the base weight's exactly.
 
 Guarantee: after merge and cleanup, the graph's op multiset (`op_multiset`) equals that of the
 base model's own eval trace after the same dead-code cleanup; the merged model costs exactly
@@ -20,7 +22,7 @@ import torch
 import torch.fx
 
 from passes.cleanup import Cleanup
-from rewrite.names import PREFIX, logical_weight, param_target
+from rewrite.names import PREFIX, logical_weight, param_target, site_bias, whole_weight
 from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, Site, SiteIndex
@@ -39,9 +41,9 @@ def merged_weights(
     safe: bool = True,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """site path -> merged weight in storage layout, computed in fp32 and cast once to `dtype`
-    (default: the weight's own dtype). Merging in low precision drifts (peft#1388, #2502)."""
-    out = {}
+    """whole site path (`Site.owner`) -> merged weight in storage layout, computed in fp32
+    and cast once to `dtype` (default: the weight's own dtype). Merging in low precision drifts (peft#1388, #2502)."""
+    out: dict[str, torch.Tensor] = {}
     for a in assignments:
         site, method = a.site, a.method
         W = state[site.weight]
@@ -58,10 +60,18 @@ def merged_weights(
                 f"merging {method.name} at {site.path} gives NaN or Inf weights; the adapter "
                 "weights are broken (check the learning rate), so nothing was merged"
             )
-        if site.stored_in_out:
-            merged = merged.t()
-        out[site.path] = merged.to(dtype or W.dtype).contiguous()
-    return out
+        if site.rows is not None:  # a slice: its rows of the whole weight, merged so far
+            whole = out.get(site.owner)
+            whole = whole_weight(site, W.detach().float()) if whole is None else whole
+            merged = torch.cat([whole[: site.rows[0]], merged, whole[site.rows[1] :]])
+        out[site.owner] = merged
+    site_of = {a.site.owner: a.site for a in assignments}
+    cast = {path: dtype or state[site.weight].dtype for path, site in site_of.items()}
+    # back to the storage layout ([in, out] for addmm and x @ W), cast once
+    return {
+        path: (merged.t() if site_of[path].stored_in_out else merged).to(cast[path]).contiguous()
+        for path, merged in out.items()
+    }
 
 
 def merged_biases(
@@ -69,9 +79,10 @@ def merged_biases(
     state: Mapping[str, torch.Tensor],
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """site path -> merged bias, for the sites whose method changes the bias
+    """whole site path -> merged bias, for the sites whose method changes the bias
     (`Method.merged_bias`); computed in fp32 and cast once, like the weights."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    cast: dict[str, torch.dtype] = {}
     for a in assignments:
         site, method = a.site, a.method
         if site.bias is None:
@@ -80,10 +91,15 @@ def merged_biases(
         W = logical_weight(site, state[site.weight].detach().float())
         b = state[site.bias]
         with torch.no_grad():
-            merged = method.merged_bias(site, W, b.detach().float(), p)
-        if merged is not None:
-            out[site.path] = merged.to(dtype or b.dtype).contiguous()
-    return out
+            merged = method.merged_bias(site, W, site_bias(site, b.detach().float()), p)
+        if merged is None:
+            continue
+        if site.rows is not None:  # a slice: its entries of the whole bias, merged so far
+            whole = out.get(site.owner, b.detach().float())
+            merged = torch.cat([whole[: site.rows[0]], merged, whole[site.rows[1] :]])
+        out[site.owner] = merged
+        cast[site.owner] = dtype or b.dtype
+    return {path: merged.to(cast[path]).contiguous() for path, merged in out.items()}
 
 
 def _fp32_params(method, site: Site, state: Mapping[str, torch.Tensor]) -> dict:
@@ -116,7 +132,8 @@ class MergeAdapters:
     def __call__(self, program: Program) -> PassResult:
         graph = program.graph
         nodes = {n.name: n for n in graph.nodes}
-        weight_uses = Counter(a.site.weight for a in self.by_path.values())
+        owners = {a.site.owner: a.site for a in self.by_path.values()}
+        weight_uses = Counter(site.weight for site in owners.values())
         param_names = {s.name: s.target for s in program.slots if s.kind == PARAMETER}
         users_of_weight = Counter()
         for n in graph.nodes:
@@ -125,22 +142,26 @@ class MergeAdapters:
                     [u for u in n.users if tag_of(u) is None]
                 )
         modified = False
+        fed: set[torch.fx.Node] = set()  # base ops given their merged weight (once for slices)
         for out in [n for n in graph.nodes if (tag_of(n) or {}).get("output")]:
             tag = tag_of(out)
             (path,) = tag["sites"]
-            a = self.by_path[path]
             base = nodes[tag["base"]]
-            site = a.site
-            shared = weight_uses[site.weight] > 1 or users_of_weight[site.weight] > 1
-            target = f"{site.path}.weight" if shared else site.weight
-            if shared:
-                _read_weight(base, site, program.add_parameter(target))
-            self.state[target] = self.merged[site.path]
-            _ungroup_if_dense(base, site, self.merged[site.path])
-            if site.path in self.biases:
-                self.state[_feed_bias(program, base, site)] = self.biases[site.path]
             out.replace_all_uses_with(base)
             modified = True
+            if base in fed:
+                continue
+            fed.add(base)
+            site = self.by_path[path].site
+            owner = site.owner
+            shared = weight_uses[site.weight] > 1 or users_of_weight[site.weight] > 1
+            target = f"{owner}.weight" if shared else site.weight
+            if shared:
+                _read_weight(base, site, program.add_parameter(target))
+            self.state[target] = self.merged[owner]
+            _ungroup_if_dense(base, site, self.merged[owner])
+            if owner in self.biases:
+                self.state[_feed_bias(program, base, site, owner)] = self.biases[owner]
         graph.eliminate_dead_code()
         for slot in list(program.slots):
             if slot.kind == PARAMETER:
@@ -161,13 +182,13 @@ def _read_weight(node: torch.fx.Node, site: Site, placeholder: torch.fx.Node) ->
     holder.args = tuple(args)
 
 
-def _feed_bias(program: Program, node: torch.fx.Node, site: Site) -> str:
+def _feed_bias(program: Program, node: torch.fx.Node, site: Site, owner: str) -> str:
     """Point a site op at its merged bias; returns the state name that holds it (the bias's
     own, unless the bias parameter feeds other ops too)."""
     index = SITE_OPS[site.op].bias
     old = node.args[index]
     own = len(old.users) == 1 and program.slot_for(old) is not None
-    target = site.bias if own else f"{site.path}.merged_bias"
+    target = site.bias if own else f"{owner}.merged_bias"
     if not own:
         args = list(node.args)
         args[index] = program.add_parameter(target)
@@ -215,26 +236,29 @@ class FoldWeights:
         for n in program.graph.nodes:
             if n.op == "placeholder" and n.name in param_of:
                 uses[param_of[n.name]] = len(n.users)
-        claimed = Counter(a.site.weight for a in self.assignments)
-        for a in self.assignments:
-            if a.site.path not in self.sites.sites:
+        # the whole sites the plan merges into (a packed projection's slices: one weight)
+        owners = list(dict.fromkeys(a.site.owner for a in self.assignments))
+        for owner in owners:
+            if owner not in self.sites.sites:
                 raise MergeError(
-                    f"site {a.site.path} of the plan is missing from the re-traced base graph; "
+                    f"site {owner} of the plan is missing from the re-traced base graph; "
                     "the model's structure changed since it was compiled"
                 )
-            nodes = self.sites.nodes[a.site.path]
-            shared = claimed[a.site.weight] > 1 or uses[a.site.weight] > len(nodes)
-            target = f"{a.site.path}.weight" if shared else a.site.weight
+        claimed = Counter(self.sites[owner].weight for owner in owners)
+        for owner in owners:
+            site, nodes = self.sites[owner], self.sites.nodes[owner]
+            shared = claimed[site.weight] > 1 or uses[site.weight] > len(nodes)
+            target = f"{owner}.weight" if shared else site.weight
             if shared:
                 placeholder = program.add_parameter(target)
                 for node in nodes:
-                    _read_weight(node, a.site, placeholder)
-            self.state[target] = self.merged[a.site.path]
+                    _read_weight(node, site, placeholder)
+            self.state[target] = self.merged[owner]
             for node in nodes:
-                _ungroup_if_dense(node, a.site, self.merged[a.site.path])
-            if a.site.path in self.biases:
+                _ungroup_if_dense(node, site, self.merged[owner])
+            if owner in self.biases:
                 for node in nodes:
-                    self.state[_feed_bias(program, node, a.site)] = self.biases[a.site.path]
+                    self.state[_feed_bias(program, node, site, owner)] = self.biases[owner]
         program.recompile()
         return PassResult(program.graph_module, bool(self.assignments))
 

@@ -43,7 +43,7 @@ from rewrite.names import PREFIX
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.quantize_config import QuantizeSpecError, parse_quantize
-from rewrite.sites import SiteIndex, find_sites, is_output_head, mark_output_head
+from rewrite.sites import SiteIndex, find_sites, is_output_head, mark_output_head, name_parts
 from rewrite.spec import AdaptationSpec, SpecError, load_spec
 from rewrite.trace import bind_inputs, check_inputs, trace
 from rewrite.unlift import unlift
@@ -176,6 +176,7 @@ class Pipeline:
         if training not in self._sites:
             built = self._programs.get(training)
             found = find_sites(self.traced(training) if built is None else built)
+            found = name_parts(found, getattr(self.model, "config", None))
             self._sites[training] = mark_output_head(found, self.model)
         return self._sites[training]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from passes.adapters.base import SiteContext
+from passes.adapters.base import site_forward
 from passes.pipeline import Pipeline
-from rewrite.names import logical_weight, param_target
+from rewrite.names import param_target, whole_weight
 
 
 @contextlib.contextmanager
@@ -29,7 +29,7 @@ def live_adapters(pipeline: Pipeline) -> Iterator[None]:
     handles = []
     try:
         for a in pipeline.plan:
-            module = modules.get(a.site.path)
+            module = modules.get(a.site.owner)
             if not hasattr(module, "weight"):  # None too: a product with a bare parameter
                 raise ValueError(
                     f"generate needs a module to hook at each adapted site, and {a.site.path} "
@@ -48,9 +48,9 @@ def _hook(a: Any, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     site, method = a.site, a.method
 
     def add_adapter(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        W = logical_weight(site, state[site.weight])
+        W = whole_weight(site, state[site.weight])
         bias = getattr(module, "bias", None) if site.has_bias else None
-        return method.forward(args[0], output, W, params, SiteContext(site, False, bias))
+        return site_forward(method, site, args[0], output, W, bias, params, False)
 
     return add_adapter
 

@@ -6,7 +6,9 @@ declares its format as one `PeftFormat` record (passes/adapters/peft_record.py):
 configs it claims, its config fields and patterns, its key names. This module reads and
 writes every method through those records. Methods PEFT does not have are written in peftc's
 own format (`own_format`): the same two files, with a `PEFTC_<NAME>` peft_type that PEFT
-cannot read and peftc reads back.
+cannot read and peftc reads back. So are adapters on slices of packed projections
+(`qkv_proj[0:64]`), which PEFT cannot adapt (peft#1705): the method's PEFT layout with its
+module paths as peftc writes them and `PEFTC_` before its peft_type (`PEFTC_LORA`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from passes.adapters.contract import spec_names
-from passes.adapters.peft_record import get_nested, record_of, set_nested
+from passes.adapters.peft_record import OWN_PREFIX, get_nested, record_of, set_nested
 from passes.adapters.registry import methods
 from rewrite.files import staged, write_atomic
 from rewrite.names import param_target
@@ -116,6 +118,8 @@ def peft_config(assignments: list) -> dict:
     for key, value in record.constants.items():
         set_nested(config, key, value)
     config["target_modules"] = sorted(a.site.path for a in assignments)
+    if record.is_peft and any(a.site.rows is not None for a in assignments):
+        config["peft_type"] = OWN_PREFIX + record.peft_type  # slices: PEFT cannot read it
     if record.fan_in_fan_out:
         config["fan_in_fan_out"] = all(a.site.op == "addmm" for a in assignments)
     config.setdefault("bias", "none")
@@ -145,8 +149,16 @@ def save_adapter(adapted, directory: str | os.PathLike, format: str = "auto") ->
             f"{record.peft_type!r}, PEFT's file layout), which peftc's load_adapter and "
             "from_peft read and PEFT cannot"
         )
+    sliced = [a.path for a in plan if a.site.rows is not None]
+    if format == "peft" and sliced:
+        raise ValueError(
+            f"{sliced[0]} is a slice of a packed projection; PEFT adapts whole modules only "
+            "(peft#1705), so it has no format for this adapter. Save with format='auto' to "
+            f"write peftc's own (peft_type {OWN_PREFIX + record.peft_type!r}, PEFT's file "
+            "layout), which peftc's load_adapter and from_peft read and PEFT cannot"
+        )
     modules = dict(adapted.model.named_modules())
-    bare = [a.path for a in plan if not hasattr(modules.get(a.path), "weight")]
+    bare = [a.path for a in plan if not hasattr(modules.get(a.site.owner), "weight")]
     if bare and record.is_peft:
         warnings.warn(
             f"{', '.join(bare[:3])}{' ...' if len(bare) > 3 else ''}: adapted parameter "
@@ -190,7 +202,13 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{path} not found: is {directory} a PEFT or peftc adapter directory?"
         )
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    peft_type = str(config.get("peft_type", ""))
+    peft_types = {record_of(c).peft_type for c in methods().values()}
+    if peft_type.startswith(OWN_PREFIX) and peft_type[len(OWN_PREFIX) :] in peft_types:
+        # a PEFT method on slices of packed projections, in that method's layout
+        config["peft_type"] = peft_type[len(OWN_PREFIX) :]
+    return config
 
 
 def load_adapter(adapted, directory: str | os.PathLike) -> None:
@@ -286,7 +304,9 @@ def peft_targets(config: dict, sites: SiteIndex) -> list[str]:
         return any(path == t or path.endswith("." + t) for t in rule)
 
     chosen = []
-    for site in sites:
+    for site in [*sites, *sites.parts.values()]:
+        if site.rows is not None and not (isinstance(targets, list) and site.path in targets):
+            continue  # a slice is only ever named exactly (peftc's own format)
         if targets == "all-linear":
             ok = is_linear_layer(site)
         else:

@@ -2,7 +2,8 @@
 
 Adapter tensors live under one namespace in the adapted model's state: `adapters.<site
 path>.<name>`, or `adapters.shared.<method>.<name>` for a tensor that every site of a method
-shares. A site op's operands (which argument is x, W and the bias) come from `SITE_OPS` in
+shares; a slice `qkv_proj[0:64]` stores under `qkv_proj.rows_0_64`, see `Site.state_path`.
+A site op's operands (which argument is x, W and the bias) come from `SITE_OPS` in
 `rewrite.sites`; `logical_weight` turns W into the [out, in] layout every method computes in.
 """
 
@@ -21,9 +22,21 @@ def param_target(method: Any, site: Site, name: str) -> str:
     """The state name of adapter tensor `name` of `method` at `site`."""
     if method.params(site)[name].shared:
         return f"{PREFIX}shared.{method.name}.{name}"
-    return f"{PREFIX}{site.path}.{name}"
+    return f"{PREFIX}{site.state_path}.{name}"
+
+
+def whole_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
+    """The stored weight in [out, in] layout (addmm and `x @ W` sites store it as [in, out])."""
+    return W.t() if site.stored_in_out else W
 
 
 def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
-    """The weight in [out, in] layout (addmm and `x @ W` sites store it as [in, out])."""
-    return W.t() if site.stored_in_out else W
+    """The weight the site multiplies by, in [out, in] layout: for a slice of a packed
+    projection, its rows of the whole weight."""
+    W = whole_weight(site, W)
+    return W if site.rows is None else W[site.rows[0] : site.rows[1]]
+
+
+def site_bias(site: Site, b: torch.Tensor) -> torch.Tensor:
+    """The bias entries of the site's outputs (a slice's own rows)."""
+    return b if site.rows is None else b[site.rows[0] : site.rows[1]]

@@ -3,6 +3,12 @@
 A site is `aten.linear`, `aten.addmm` (weight stored transposed, as in GPT-2's Conv1D),
 `aten.conv1d`, `aten.conv2d` or `aten.embedding` whose weight is a parameter placeholder.
 Sites are keyed by module path; a module called twice is one site with two nodes.
+
+Parts: where the graph slices a linear site's output along its features (`split`, `chunk`,
+`slice`, `narrow`: a packed qkv or gate_up projection), each slice is a site of its own too,
+addressed `path[start:end]` over output features (`find_parts`). Parts are kept apart from the
+whole sites (`SiteIndex.parts`): only a target that names a slice selects one, and placement,
+`all-linear` and every whole-site tool see the model's modules as before.
 """
 
 from __future__ import annotations
@@ -78,6 +84,22 @@ class Site:
     output_head: bool = False  # the model's output embeddings (see mark_output_head)
     transposed: bool = False  # a linear of t(W): W stored [in, out] (rewrite/canonical.py)
     bias: str | None = None  # state name of the bias, where it is a parameter
+    rows: tuple[int, int] | None = None  # a part: [start, end) of the parent's output features
+    parent: str | None = None  # a part: the path of the whole site
+    part: str | None = None  # a part's name where the config makes it unambiguous (q, gate, ...)
+
+    @property
+    def owner(self) -> str:
+        """The whole site whose weight this site multiplies by: itself, or a part's parent."""
+        return self.parent or self.path
+
+    @property
+    def state_path(self) -> str:
+        """The path adapter tensors are stored under: a part's brackets are not attribute
+        names, so `qkv_proj[0:64]` keeps its tensors under `qkv_proj.rows_0_64`."""
+        if self.rows is None:
+            return self.path
+        return f"{self.parent}.rows_{self.rows[0]}_{self.rows[1]}"
 
     @property
     def stored_in_out(self) -> bool:
@@ -106,6 +128,7 @@ class SiteIndex:
 
     sites: dict[str, Site]
     nodes: dict[str, list[torch.fx.Node]] = field(default_factory=dict)
+    parts: dict[str, Site] = field(default_factory=dict)  # slices of packed projections
 
     def __iter__(self):
         return iter(self.sites.values())
@@ -114,7 +137,13 @@ class SiteIndex:
         return len(self.sites)
 
     def __getitem__(self, path: str) -> Site:
-        return self.sites[path]
+        return self.sites[path] if path in self.sites else self.parts[path]
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.sites or path in self.parts
+
+    def parts_of(self, path: str) -> list[Site]:
+        return [p for p in self.parts.values() if p.parent == path]
 
     def module_types(self) -> list[str]:
         return sorted({s.module_type for s in self.sites.values()})
@@ -230,7 +259,131 @@ def find_sites(program: Program) -> SiteIndex:
         )
         nodes[path] = [node]
         inputs[path] = operand(node, op, "x")
-    return SiteIndex(_with_groups(found, inputs), nodes)
+    index = SiteIndex(_with_groups(found, inputs), nodes)
+    return find_parts(index)
+
+
+# reshapes that keep the features as the last dim, which a packed projection's output may
+# pass through before it is sliced (GPT-2's Conv1D output is [rows, out], viewed [b, s, out])
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_SLICERS = (
+    aten.slice.Tensor,
+    aten.narrow.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+)
+
+
+def _ranges(node: torch.fx.Node, features: int) -> list[tuple[int, int]]:
+    """The feature ranges `node` takes from a tensor whose last dim has `features` entries:
+    empty when it does not slice the last dim by constant amounts."""
+    args = list(node.args) + [None] * 5
+    if node.target not in _SLICERS or not all(
+        isinstance(a, int | list | tuple | type(None)) for a in args[1:5]
+    ):
+        return []  # not a slicing op, or a symbolic bound: not a fixed range of features
+    rank = node.args[0].meta["val"].dim()
+
+    def last(dim: int | None) -> bool:
+        return dim in (-1, rank - 1)
+
+    def tiled(size: int | list[int]) -> list[tuple[int, int]]:
+        sizes = [size] * -(features // -size) if isinstance(size, int) else list(size)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(a, min(a + n, features)) for a, n in zip(starts, sizes, strict=True)]
+
+    target = node.target
+    if target == aten.slice.Tensor and last(args[1]) and args[4] in (None, 1):
+        start, end = args[2] or 0, features if args[3] is None else min(args[3], features)
+        return [(start, end)]
+    if target == aten.narrow.default and last(args[1]):
+        return [(args[2], args[2] + args[3])]
+    if target in (aten.split.Tensor, aten.split_with_sizes.default) and last(args[2]):
+        return tiled(args[1])
+    if target == aten.chunk.default and last(args[2]):
+        return tiled(-(features // -args[1]))
+    return []
+
+
+def _slicers(node: torch.fx.Node, features: int) -> list[torch.fx.Node]:
+    """The users that slice `node`'s features, through views that keep the last dim and
+    through adapters already spliced onto it."""
+    out = []
+    for user in node.users:
+        if user.op != "call_function":
+            continue
+        tag = user.meta.get(TAG_KEY)
+        if tag:  # an adapter's node: its output stands for the op's output (an adapted graph)
+            if tag.get("output"):
+                out.extend(_slicers(user, features))
+            continue
+        if user.target in _VIEWS:
+            val = user.meta.get("val")
+            if val is not None and val.dim() > 0 and int(val.shape[-1]) == features:
+                out.extend(_slicers(user, features))
+            continue
+        out.append(user)
+    return out
+
+
+def find_parts(index: SiteIndex) -> SiteIndex:
+    """Add to `index` a part for each feature range a slicing op takes from a linear site's
+    output (see the module note); returns `index`."""
+    for path, site in index.sites.items():
+        if site.op not in LINEAR_OPS:
+            continue
+        ranges: set[tuple[int, int]] = set()
+        for node in index.nodes[path]:
+            for user in _slicers(node, site.out_features):
+                ranges.update(r for r in _ranges(user, site.out_features) if r[1] > r[0])
+        ranges.discard((0, site.out_features))
+        for start, end in sorted(ranges):
+            part = f"{path}[{start}:{end}]"
+            index.parts[part] = dataclasses.replace(
+                site,
+                path=part,
+                module_type=f"{site.module_type}[{start}:{end}]",
+                out_features=end - start,
+                rows=(start, end),
+                parent=path,
+                group=(part,),
+                output_head=False,
+            )
+            index.nodes[part] = index.nodes[path]
+    return index
+
+
+def name_parts(index: SiteIndex, config: Any) -> SiteIndex:
+    """Name the parts where a transformers config makes it unambiguous, in place: three parts
+    tiling a projection as (heads, kv heads, kv heads) x head_dim are q, k and v; two parts of
+    `intermediate_size` each tiling a module named gate..up are gate and up."""
+    heads = getattr(config, "num_attention_heads", None)
+    if config is None or not heads:
+        return index
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    inter = getattr(config, "intermediate_size", None)
+    for path, site in index.sites.items():
+        parts = sorted(index.parts_of(path), key=lambda p: p.rows)
+        sizes = [p.out_features for p in parts]
+        tiles = bool(parts) and _tiles(parts, site.out_features)
+        leaf = path.rsplit(".", 1)[-1]
+        if tiles and sizes == [heads * head_dim, kv * head_dim, kv * head_dim]:
+            names = ("q", "k", "v")
+        elif tiles and inter and sizes == [inter, inter] and "gate" in leaf and "up" in leaf:
+            names = ("gate", "up")
+        else:
+            continue
+        for p, name in zip(parts, names, strict=True):
+            index.parts[p.path] = dataclasses.replace(p, part=name)
+    return index
+
+
+def _tiles(parts: list[Site], features: int) -> bool:
+    """Whether sorted `parts` cover [0, features) end to end, without overlap."""
+    edges = [0] + [p.rows[1] for p in parts]
+    return edges[-1] == features and all(p.rows[0] == e for p, e in zip(parts, edges, strict=False))
 
 
 def _is_transpose_of_parameter(node: Any, params: Mapping[str, str]) -> bool:

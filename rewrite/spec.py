@@ -13,6 +13,9 @@
 Rules apply in order and the first rule that matches a site wins. A target without glob
 characters matches a module path exactly or as a dotted suffix (`q_proj`), as PEFT does;
 `all-linear` (alone or in the list) is every linear-like site but the output head, as in PEFT.
+A target ending in `[start:end]` (or a part's name: `[q]`, `[gate]`) selects that slice of a
+packed projection's output features (`*.qkv_proj[0:64]`, see `rewrite.sites.find_parts`);
+only such a target selects a slice, and a rule may not adapt both a module and its slices.
 Method names and hyperparameters are checked against the registry the caller passes in,
 so this module stays independent of the adapter library. The `quantize:` section (a frozen
 base in NF4 or int8) is typed by `rewrite.quantize_config`. The `placement:` section is typed
@@ -26,6 +29,7 @@ import dataclasses
 import difflib
 import fnmatch
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,8 @@ from rewrite.sites import Site, SiteIndex, is_linear_layer, type_matches
 TOP_KEYS = ("adapters", "placement", "quantize", "seed")
 SELECTOR_KEYS = ("targets", "types", "layers", "exclude", "overrides")
 ALL_LINEAR = "all-linear"  # a `targets` entry: PEFT's convention
+# a target naming a slice of a packed projection: <path glob>[start:end] or <path glob>[name]
+SLICE = re.compile(r"^(?P<path>.+)\[(?:(?P<start>\d+):(?P<end>\d+)|(?P<name>[a-z_]+))\]$")
 
 
 class SpecError(ValueError):
@@ -67,6 +73,8 @@ class AdapterRule:
         return f"rule {self.index} ({self.method}: {', '.join(what) or 'no selector'})"
 
     def selects(self, site: Site) -> bool:
+        if site.rows is not None and not self.targets:
+            return False  # a slice is selected by a target that names it, nothing else
         if self.targets and not any(target_matches(site, t) for t in self.targets):
             return False
         if self.types and not any(type_matches(site.module_type, t) for t in self.types):
@@ -114,7 +122,19 @@ class Assignment:
 
 def target_matches(site: Site, target: str) -> bool:
     """A `targets` entry: `all-linear` (every linear-like site but the output head, as in
-    PEFT), else a glob or dotted suffix of the module path."""
+    PEFT), else a glob or dotted suffix of the module path; a slice target (`SLICE`) matches
+    only the part it names, and a part only a slice target."""
+    sliced = SLICE.match(target)
+    if site.rows is not None:
+        if sliced is None:
+            return False
+        if sliced["name"]:
+            named = site.part == sliced["name"]
+        else:
+            named = site.rows == (int(sliced["start"]), int(sliced["end"]))
+        return named and path_matches(site.parent, sliced["path"])
+    if sliced is not None:
+        return False
     if target == ALL_LINEAR:
         return is_linear_layer(site)
     return path_matches(site.path, target)
@@ -313,24 +333,18 @@ def resolve(
     `candidates` (from a placement) limits the sites that rules without a selector take.
     """
     taken: dict[str, Assignment] = {}
+    every = [*sites, *sites.parts.values()]
     for rule in spec.adapters:
         has_selector = bool(rule.targets or rule.types or rule.layers is not None)
         chosen = [
             s
-            for s in sites
-            if (not has_selector or rule.selects(s))
+            for s in every
+            if (rule.selects(s) if has_selector else s.rows is None)
             and (candidates is None or s.path in candidates)
             and not any(path_matches(s.path, e) for e in rule.exclude)
         ]
         if not chosen and has_selector:
-            types = sites.module_types()
-            example = next(iter(sites)).path if len(sites) else "(none)"
-            raise SpecError(
-                f"{rule.describe()} matches no module. Module types in this model: "
-                f"{', '.join(types)} (paths look like {example!r}); targets are globs over "
-                "module paths such as '*.q_proj' (or 'all-linear'), types are suffixes such "
-                "as 'self_attn.q_proj'"
-            )
+            raise SpecError(_no_match(rule, sites))
         for site in chosen:
             if site.path in taken:
                 continue
@@ -343,4 +357,33 @@ def resolve(
             if reason is not None:
                 raise SpecError(f"adapters[{rule.index}] ({rule.method}) at {site.path}: {reason}")
             taken[site.path] = Assignment(site, method, rule.index)
-    return [taken[s.path] for s in sites if s.path in taken]
+    for a in taken.values():
+        if a.site.parent in taken:
+            raise SpecError(
+                f"{a.site.parent} is adapted whole and its slice {a.site.path} too; adapt "
+                "either the module or its slices (exclude one of them from the targets)"
+            )
+    return [taken[s.path] for s in every if s.path in taken]
+
+
+def _no_match(rule: AdapterRule, sites: SiteIndex) -> str:
+    """The error for a rule that selects nothing: what this model's paths, types and (for a
+    slice target) slices look like."""
+    if any(SLICE.match(t) for t in rule.targets):
+        parts = [
+            f"{p.path}{f' ({p.part})' if p.part else ''}" for p in list(sites.parts.values())[:6]
+        ]
+        found = ", ".join(parts) if parts else "none: no linear output here is sliced"
+        return (
+            f"{rule.describe()} matches no slice. Slices of packed projections in this model: "
+            f"{found}; a slice target is a module path glob then [start:end] over output "
+            "features or a slice's name, e.g. '*.qkv_proj[0:64]' or '*.qkv_proj[q]'"
+        )
+    types = sites.module_types()
+    example = next(iter(sites)).path if len(sites) else "(none)"
+    return (
+        f"{rule.describe()} matches no module. Module types in this model: "
+        f"{', '.join(types)} (paths look like {example!r}); targets are globs over "
+        "module paths such as '*.q_proj' (or 'all-linear'), types are suffixes such "
+        "as 'self_attn.q_proj'"
+    )

@@ -47,6 +47,27 @@ def tiny_qwen2(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     return Qwen2ForCausalLM(config).eval()
 
 
+def tiny_phi3(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A Phi-3 decoder: packed qkv_proj (GQA) and gate_up_proj, sliced in its forward."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
+    return Phi3ForCausalLM(config).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -2,12 +2,13 @@
 
 Methods themselves are frozen dataclasses that follow the contract in `contract.py` and are
 registered by name (`registry.py`); their cost formulas use `cost.py`. These small records
-are what they exchange with the passes.
+are what they exchange with the passes, and `site_forward` is how every caller runs one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,29 @@ class SiteContext:
     site: Site
     training: bool
     bias: torch.Tensor | None = None
+
+
+def site_forward(
+    method: Any,
+    site: Site,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: dict[str, torch.Tensor],
+    training: bool,
+) -> torch.Tensor:
+    """`method.forward` at `site` on the site op's whole output `out`, with its whole [out, in]
+    weight `W`: a slice of a packed projection updates its own rows of `out` and passes the
+    others through untouched, so they stay the base op's bit for bit."""
+    if site.rows is None:
+        return method.forward(x, out, W, params, SiteContext(site, training, bias))
+    start, end = site.rows
+    own_bias = None if bias is None else bias[start:end]
+    part = method.forward(
+        x, out[..., start:end], W[start:end], params, SiteContext(site, training, own_bias)
+    )
+    return torch.cat([out[..., :start], part, out[..., end:]], dim=-1)
 
 
 def bind_plan(assignments: list) -> list:

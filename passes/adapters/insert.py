@@ -4,7 +4,9 @@ For each site node the rule traces the method's `forward` into an ATen snippet (
 whole process by method, hyperparameters, op, shapes, dtypes and mode: see `_snippet_key` and
 `rewrite.splice.trace_snippet`), adds the adapter tensors as parameter placeholders named
 `adapters.<site path>.<name>` (shared tensors: `adapters.shared.<method>.<name>`), splices the
-snippet after the base op and reroutes the base op's users to the adapted output.
+snippet after the base op and reroutes the base op's users to the adapted output. Slices of
+one packed projection (`qkv_proj[0:64]`, `qkv_proj[96:128]`) chain: each snippet reads the
+output the one before left and rewrites its own rows (`site_forward`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.fx
 
-from passes.adapters.base import SiteContext
+from passes.adapters.base import site_forward
 from rewrite.names import PREFIX, logical_weight, param_target
 from rewrite.passes import RuleSet
 from rewrite.program import Program
@@ -103,6 +105,8 @@ def anonymous_site(site: Site) -> Site:
         output_head=False,
         transposed=False,  # the snippet reads W through the graph's t(W): [out, in] either way
         bias=None if site.bias is None else "",  # whether a bias exists (has_bias), not its name
+        parent=None if site.parent is None else "",  # a slice's rows stay: they shape the graph
+        part=None,
     )
 
 
@@ -127,24 +131,35 @@ class InsertAdapterRule:
     def __init__(self, program: Program, sites: SiteIndex, plan: list[Assignment]):
         self.program = program
         self.by_path = {a.site.path: a for a in plan}
-        self.path_of = {node: path for path, nodes in sites.nodes.items() for node in nodes}
+        # a node's sites: the whole op, or its slices (a plan never takes both, see resolve)
+        self.paths_of: dict[torch.fx.Node, list[str]] = {}
+        for path in [*sites.sites, *sites.parts]:
+            for node in sites.nodes[path]:
+                self.paths_of.setdefault(node, []).append(path)
 
     def matches(self, node: torch.fx.Node) -> bool:
-        return node in self.path_of
+        return node in self.paths_of
 
     def check(self, node: torch.fx.Node) -> str | None:
-        if self.path_of[node] not in self.by_path:
+        if not any(p in self.by_path for p in self.paths_of[node]):
             return "not targeted by the spec"
         return None
 
     def rewrite(self, node: torch.fx.Node) -> None:
-        a = self.by_path[self.path_of[node]]
+        out = node
+        for path in self.paths_of[node]:
+            if path in self.by_path:
+                out = self._splice(self.by_path[path], node, out)
+
+    def _splice(self, a: Assignment, node: torch.fx.Node, current: torch.fx.Node) -> torch.fx.Node:
+        """Splice `a`'s adapter onto the site op `node`, reading `current` (the op's output, or
+        what an earlier slice's adapter made of it); returns the adapted output."""
         site, method, graph = a.site, a.method, self.program.graph
         training = self.program.training
         x, weight = operand(node, site.op, "x"), operand(node, site.op, "weight")
         bias = operand(node, site.op, "bias") if site.has_bias else None
         if site.op == "addmm":
-            with graph.inserting_before(node.next):
+            with graph.inserting_before(current.next):
                 weight = graph.call_function(aten.t.default, (weight,))
         names = list(method.params(site))
         param_nodes = [self.program.add_parameter(param_target(method, site, n)) for n in names]
@@ -152,34 +167,35 @@ class InsertAdapterRule:
             n: torch.empty(s.shape, dtype=s.dtype or site.dtype, device="meta")
             for n, s in method.params(site).items()
         }
+        whole_out = int(node.meta["val"].shape[-1]) if site.rows else site.out_features
         w_meta = torch.empty(
-            (site.out_features, site.in_features)
+            (whole_out, site.in_features)
             if site.op not in ("embedding",) and site.conv is None
             else site.weight_shape,
             dtype=site.dtype,
             device="meta",
         )
         b_meta = (
-            torch.empty((site.out_features,), dtype=site.dtype, device="meta")
-            if bias is not None
-            else None
+            torch.empty((whole_out,), dtype=site.dtype, device="meta") if bias is not None else None
         )
 
         traced_site = anonymous_site(site)
 
         def fn(x, base_out, W, b, p):
-            return method.forward(x, base_out, W, p, SiteContext(traced_site, training, b))
+            return site_forward(method, traced_site, x, base_out, W, b, p, training)
 
         snippet = trace_snippet(
-            fn, x, node, w_meta, b_meta, meta, key=_snippet_key(method, site, training)
+            fn, x, current, w_meta, b_meta, meta, key=_snippet_key(method, site, training)
         )
-        inputs = [x, node, weight, bias, *param_nodes]
+        inputs = [x, current, weight, bias, *param_nodes]
         tag = adapter_tag((site.path,), method.name)
-        after = weight if site.op == "addmm" else node
+        after = weight if site.op == "addmm" else current
         out, inserted = splice(graph, snippet, inputs, after, tag)
+        # merging reroutes every adapter output to the base op: a chain of slices unwinds too
         out.meta["peftc"].update(output=True, base=node.name)
         keep = set(inserted)
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+        current.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+        return out
 
 
 def insert_adapters(program: Program, sites: SiteIndex, plan: list[Assignment]) -> RuleSet:

@@ -1,6 +1,7 @@
 """The site table: one row per site with its shapes, method, rank, parameters, NFN and cost.
 
-Rows come in graph order; `sort_rows` orders them by a column and `filter_rows` keeps the
+Rows come in graph order, each packed projection followed by its slices (`qkv_proj[0:64]`,
+named q/k/v or gate/up where the config says so); `sort_rows` orders them by a column and `filter_rows` keeps the
 paths that match globs (the spec's matching: `*.q_proj`, or a dotted suffix like `q_proj`).
 `format_table` draws a terminal table and `rows_json` gives plain data for `--json`.
 """
@@ -44,6 +45,7 @@ class SiteRow:
     rule: int | None = None
     reason: str | None = None
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    part: str | None = None  # a slice's name (q, k, v, gate, up), where the config makes it clear
 
 
 def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[SiteRow]:
@@ -57,7 +59,9 @@ def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[
     by_path = {a.site.path: a for a in plan}
     group_ids: dict[tuple[str, ...], int] = {}
     rows = []
-    for order, site in enumerate(adapted.sites):
+    index = adapted.sites
+    every = [s for whole in index for s in (whole, *index.parts_of(whole.path))]
+    for order, site in enumerate(every):
         a = by_path.get(site.path)
         if a is None and not include_all:
             continue
@@ -78,6 +82,7 @@ def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[
             group_id=group_id,
             adapted=a is not None,
             nfn=None if nfn is None else float(nfn),
+            part=site.part,
         )
         if a is not None:
             specs = a.method.params(site).values()
@@ -172,7 +177,7 @@ def format_table(rows: Sequence[SiteRow], tokens: int = 1) -> str:
     body = []
     for r in rows:
         cells = [
-            r.path,
+            f"{r.path} ({r.part})" if r.part else r.path,
             r.op,
             f"{r.in_features}->{r.out_features}",
             r.dtype,
