@@ -1,5 +1,6 @@
 """Linear layers written as matmuls with a parameter (`x @ self.weight.T`, `mm` with `W.t()`,
-`matmul` with `W.transpose(0, 1)`, and `h @ W` with W stored [in, out]) are sites: adapted,
+`matmul` with `W.transpose(0, 1)`, `h @ W` with W stored [in, out], and the `addmm`, `bmm` and
+`einsum` forms) are sites: adapted,
 trained, merged and exported like `nn.Linear`. Oracles: PEFT for the Linear subclass, LoRA's merged-weight formula in eager
 PyTorch for the raw parameters, onnxruntime for the export (fp32: 1e-5, ONNX 1e-4)."""
 
@@ -137,3 +138,53 @@ def test_bare_parameter_sites_save_and_load_in_peftc(adapted, tmp_path):
         with torch.no_grad():
             for key, p in model.named_adapter_parameters().items():
                 p.copy_(saved[key])
+
+
+class Batched(torch.nn.Module):
+    """The other forms: addmm with a transposed weight, bmm with the weight repeated over the
+    batch, einsum with the weight stored [in, out]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = torch.nn.Parameter(torch.randn(12, 8) / 4)  # addmm(bias, x, proj.t())
+        self.bias = torch.nn.Parameter(torch.randn(12) / 4)
+        self.mix = torch.nn.Parameter(torch.randn(6, 12) / 4)  # bmm(h, mix.t() repeated)
+        self.store = torch.nn.Parameter(torch.randn(6, 3) / 4)  # einsum("bsi,io->bso", h, store)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = torch.addmm(self.bias, x.reshape(-1, 8), self.proj.t()).reshape(b, s, 12)
+        h = torch.bmm(torch.relu(h), self.mix.t().unsqueeze(0).expand(b, -1, -1))
+        return torch.einsum("bsi,io->bso", h, self.store)
+
+
+def test_addmm_bmm_and_einsum_forms_are_linear_sites_and_merge_and_export(tmp_path):
+    base = Batched().eval()
+    program = trace(base, x_in(), training=False)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.linear.default) == 3
+    aten = torch.ops.aten
+    assert not {aten.addmm.default, aten.bmm.default, aten.einsum.default} & set(targets)
+    model = peftc.compile(base, SPEC, x_in()).eval()
+    assert {s.path: (s.in_features, s.out_features, s.transposed) for s in model.sites} == {
+        "proj": (8, 12, False),
+        "mix": (12, 6, False),
+        "store": (6, 3, True),
+    }
+    assert model.sites["proj"].bias == "bias"
+    perturb(model.trainable_parameters(), std=0.2)
+    reference = copy.deepcopy(base)
+    p = model.named_adapter_parameters()
+    with torch.no_grad():
+        for a in model.plan:
+            A, B = (p[f"adapters.{a.path}.lora_{k}"] for k in ("A", "B"))
+            delta = a.method.scaling * B @ A  # [out, in]
+            getattr(reference, a.path).add_(delta.t() if a.path == "store" else delta)
+        x = x_in(3, 7, seed=1)
+        got = model(*x)
+        assert (got - base(*x)).abs().max() > 1e-3
+        torch.testing.assert_close(got, reference(*x), atol=TOL, rtol=TOL)
+        torch.testing.assert_close(model.merge()(*x), got, atol=TOL, rtol=TOL)
+    report = model.export_onnx(str(tmp_path / "m.onnx"))
+    assert report.max_errors and max(report.max_errors.values()) <= ONNX_TOL
