@@ -211,8 +211,8 @@ def _dynamic_shapes(inputs: Mapping[str, torch.Tensor]) -> tuple:
 def _module_weight(model: torch.nn.Module, path: str, weight: str) -> tuple[torch.nn.Module, str]:
     """The module and leaf name that hold the weight `weight` of the site at `path` in the
     model's own tables (the module at the path for a layer, so a tied head is merged alone)."""
-    module = model.get_submodule(path) if path else model
-    if "weight" in getattr(module, "_parameters", {}):
+    module = model.get_submodule(path) if path and path != weight else model
+    if module is not model and "weight" in getattr(module, "_parameters", {}):
         return module, "weight"
     owner, _, leaf = weight.rpartition(".")
     return model.get_submodule(owner), leaf

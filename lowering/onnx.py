@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from lowering.grouped_mm import decompose_grouped_mm
 from passes.merge import fold_weights, merged_biases, merged_weights, op_multiset
 from passes.pipeline import pipeline_of
 from rewrite.files import staged
@@ -278,6 +279,7 @@ def export_module(
     module = module.eval()
     with torch.no_grad():
         reference = module(**inputs)
+    module = decompose_grouped_mm(module)  # MoE experts: no ONNX op of their own
     outs = output_names(reference)
     if dynamic_shapes is None:
         dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)

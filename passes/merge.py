@@ -22,7 +22,14 @@ import torch
 import torch.fx
 
 from passes.cleanup import Cleanup
-from rewrite.names import PREFIX, logical_weight, param_target, site_bias, whole_weight
+from rewrite.names import (
+    PREFIX,
+    logical_weight,
+    param_target,
+    site_bias,
+    stored_weight,
+    whole_weight,
+)
 from rewrite.passes import PassManager, PassResult
 from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, Site, SiteIndex
@@ -69,7 +76,7 @@ def merged_weights(
     cast = {path: dtype or state[site.weight].dtype for path, site in site_of.items()}
     # back to the storage layout ([in, out] for addmm and x @ W), cast once
     return {
-        path: (merged.t() if site_of[path].stored_in_out else merged).to(cast[path]).contiguous()
+        path: stored_weight(site_of[path], merged).to(cast[path]).contiguous()
         for path, merged in out.items()
     }
 

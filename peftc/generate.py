@@ -18,17 +18,27 @@ import torch
 
 from passes.adapters.base import site_forward
 from passes.pipeline import Pipeline
-from rewrite.names import param_target, whole_weight
+from rewrite.names import param_target, stored_weight, whole_weight
 
 
 @contextlib.contextmanager
 def live_adapters(pipeline: Pipeline) -> Iterator[None]:
-    """Within the block, each adapted module of the base model computes its adapter eagerly."""
+    """Within the block, each adapted module of the base model computes its adapter eagerly;
+    an expert weight is the adapted one (its update is in weight space, as in training)."""
     state = pipeline.state()
     modules = dict(pipeline.model.named_modules())
     handles = []
+    swapped = []
     try:
         for a in pipeline.plan:
+            if a.site.experts is not None:
+                owner, _, leaf = a.site.weight.rpartition(".")
+                holder = modules[owner]
+                swapped.append((holder, leaf, holder._parameters[leaf]))
+                holder._parameters[leaf] = torch.nn.Parameter(
+                    _adapted_weight(a, state), requires_grad=False
+                )
+                continue
             module = modules.get(a.site.owner)
             if not hasattr(module, "weight"):  # None too: a product with a bare parameter
                 raise ValueError(
@@ -42,6 +52,17 @@ def live_adapters(pipeline: Pipeline) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+        for holder, leaf, weight in reversed(swapped):
+            holder._parameters[leaf] = weight
+
+
+def _adapted_weight(a: Any, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An expert site's weight with its adapter folded in, in the weight's storage layout."""
+    site, method = a.site, a.method
+    params = {n: state[param_target(method, site, n)].detach() for n in method.params(site)}
+    with torch.no_grad():
+        W = whole_weight(site, state[site.weight].detach())
+        return stored_weight(site, method.merged_weight(site, W, params))
 
 
 def _hook(a: Any, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> Any:

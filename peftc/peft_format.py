@@ -117,13 +117,53 @@ def peft_config(assignments: list) -> dict:
         set_nested(config, f.key, value)
     for key, value in record.constants.items():
         set_nested(config, key, value)
-    config["target_modules"] = sorted(a.site.path for a in assignments)
+    config["target_modules"] = sorted(a.site.path for a in assignments if a.site.experts is None)
+    experts = [a.site.path for a in assignments if a.site.experts is not None]
+    if experts:  # 3-D expert weights: PEFT's target_parameters
+        config["target_parameters"] = experts
     if record.is_peft and any(a.site.rows is not None for a in assignments):
         config["peft_type"] = OWN_PREFIX + record.peft_type  # slices: PEFT cannot read it
     if record.fan_in_fan_out:
         config["fan_in_fan_out"] = all(a.site.op == "addmm" for a in assignments)
     config.setdefault("bias", "none")
     return config
+
+
+def _expert_prefixes(model: torch.nn.Module, assignments: list) -> dict[str, str]:
+    """expert site path -> its checkpoint key prefix. PEFT wraps each targeted 3-D parameter
+    of a module in a ParamWrapper around the module, in the module's parameter order, each
+    around the one before: the last is outermost (`experts.lora_A`), the first deepest
+    (`experts.base_layer.lora_A`, one `base_layer.` per wrapper around it)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    by_module: dict[str, list[str]] = {}
+    for a in assignments:
+        if a.site.experts is not None:
+            by_module.setdefault(a.site.path.rpartition(".")[0], []).append(a.site.path)
+    prefixes = {}
+    for module, paths in by_module.items():
+        paths.sort(key=lambda p: order.get(p, len(order)))
+        for i, path in enumerate(paths):
+            depth = len(paths) - 1 - i
+            prefixes[path] = f"{KEY_PREFIX}{module}.{'base_layer.' * depth}"
+    return prefixes
+
+
+def _to_param_wrapper(site, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA on an expert site in PEFT's ParamWrapper layout: lora_A a Linear(in, r·E) whose
+    row e·r + j is A_e's row j, lora_B a Linear(r·E, out) whose column j·E + e is B_e's j."""
+    A, B = p["lora_A"], p["lora_B"]  # [E, r, in], [E, out, r]
+    experts, rank = A.shape[0], A.shape[1]
+    return {
+        "lora_A.weight": A.reshape(experts * rank, -1),
+        "lora_B.weight": B.permute(1, 2, 0).reshape(B.shape[1], rank * experts),
+    }
+
+
+def _from_param_wrapper(site, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`_to_param_wrapper`'s inverse: per-expert A [E, r, in] and B [E, out, r]."""
+    experts = site.experts
+    rank = A.shape[0] // experts
+    return A.reshape(experts, rank, -1), B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
 
 
 FORMATS = ("auto", "peft")
@@ -158,7 +198,11 @@ def save_adapter(adapted, directory: str | os.PathLike, format: str = "auto") ->
             "layout), which peftc's load_adapter and from_peft read and PEFT cannot"
         )
     modules = dict(adapted.model.named_modules())
-    bare = [a.path for a in plan if not hasattr(modules.get(a.site.owner), "weight")]
+    bare = [
+        a.path
+        for a in plan
+        if a.site.experts is None and not hasattr(modules.get(a.site.owner), "weight")
+    ]
     if bare and record.is_peft:
         warnings.warn(
             f"{', '.join(bare[:3])}{' ...' if len(bare) > 3 else ''}: adapted parameter "
@@ -168,8 +212,13 @@ def save_adapter(adapted, directory: str | os.PathLike, format: str = "auto") ->
         )
     state = adapted.state()
     tensors: dict[str, torch.Tensor] = {}
+    expert_keys = _expert_prefixes(adapted.model, plan.assignments)
     for a in plan:
         p = {n: state[param_target(a.method, a.site, n)].detach() for n in a.method.params(a.site)}
+        if a.site.experts is not None:
+            for suffix, value in _to_param_wrapper(a.site, p).items():
+                tensors[expert_keys[a.path] + suffix] = value.contiguous().cpu()
+            continue
         converted = a.method.peft_tensors(a.site, p)
         if converted is not None:
             # The method ships a converted form (PiSSA/CorDA: a plain LoRA on the original base).
@@ -223,7 +272,10 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
     loaded = load_file(str(path))
     state = adapted.state()
     expected = {}
+    expert_keys = _expert_prefixes(adapted.model, adapted.plan.assignments)
     for a in adapted.plan:
+        if a.site.experts is not None:  # converted from PEFT's ParamWrapper layout below
+            continue
         for name, spec in a.method.params(a.site).items():
             if spec.trainable or a.method.save_frozen:
                 expected[peft_key(a.method, a.site, name)] = param_target(a.method, a.site, name)
@@ -240,6 +292,10 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
         key = f"{KEY_PREFIX}{a.site.path}.base_layer.weight"
         if key in loaded:
             expected[key] = a.site.weight
+    for a in adapted.plan:
+        if a.site.experts is not None:
+            for suffix in ("lora_A.weight", "lora_B.weight"):
+                expected[expert_keys[a.path] + suffix] = f"{a.path}:{suffix}"
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     if missing or unexpected:
@@ -251,6 +307,12 @@ def load_adapter(adapted, directory: str | os.PathLike) -> None:
         )
     values = {key: (target, loaded[key]) for key, target in expected.items()}
     for a in adapted.plan:
+        if a.site.experts is not None:
+            keys = [expert_keys[a.path] + suffix for suffix in ("lora_A.weight", "lora_B.weight")]
+            A, B = _from_param_wrapper(a.site, *(values.pop(k)[1] for k in keys))
+            for name, value in (("lora_A", A), ("lora_B", B)):
+                values[f"{a.path}:{name}"] = (param_target(a.method, a.site, name), value)
+            continue
         # A method may read its own tensors (PiSSA/CorDA: raw or converted form); it gets
         # them by key suffix and returns values by parameter name.
         keys = {
@@ -304,6 +366,8 @@ def peft_targets(config: dict, sites: SiteIndex) -> list[str]:
         return any(path == t or path.endswith("." + t) for t in rule)
 
     chosen = []
+    for name in config.get("target_parameters") or ():
+        chosen += [p for p in sites.experts if p == name or p.endswith("." + name)]
     for site in [*sites, *sites.parts.values()]:
         if site.rows is not None and not (isinstance(targets, list) and site.path in targets):
             continue  # a slice is only ever named exactly (peftc's own format)

@@ -26,8 +26,15 @@ def param_target(method: Any, site: Site, name: str) -> str:
 
 
 def whole_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
-    """The stored weight in [out, in] layout (addmm and `x @ W` sites store it as [in, out])."""
-    return W.t() if site.stored_in_out else W
+    """The stored weight in [out, in] layout (addmm and `x @ W` sites store it as [in, out]);
+    an expert site's is [experts, out, in]."""
+    return W.transpose(-2, -1) if site.stored_in_out else W
+
+
+def stored_weight(site: Site, W: torch.Tensor) -> torch.Tensor:
+    """A weight in [out, in] layout back in the site's storage layout (`whole_weight`'s
+    inverse)."""
+    return W.transpose(-2, -1) if site.stored_in_out else W
 
 
 def logical_weight(site: Site, W: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,13 @@ A site is `aten.linear`, `aten.addmm` (weight stored transposed, as in GPT-2's C
 `aten.conv1d`, `aten.conv2d` or `aten.embedding` whose weight is a parameter placeholder.
 Sites are keyed by module path; a module called twice is one site with two nodes.
 
+Experts: a 3-D parameter [experts, ., .] that a mixture-of-experts grouped matmul multiplies
+by (transformers' `grouped_mm_fallback`, `aten._grouped_mm`) is one site with an expert
+dimension (`op="experts"`), at the parameter's path: `mlp.experts.gate_up_proj` is its type,
+as PEFT's `target_parameters` names it. Like parts, experts are kept apart
+(`SiteIndex.experts`): a target or type that names them selects them, `all-linear` does not
+(nor does PEFT's).
+
 Parts: where the graph slices a linear site's output along its features (`split`, `chunk`,
 `slice`, `narrow`: a packed qkv or gate_up projection), each slice is a site of its own too,
 addressed `path[start:end]` over output features (`find_parts`). Parts are kept apart from the
@@ -87,6 +94,7 @@ class Site:
     rows: tuple[int, int] | None = None  # a part: [start, end) of the parent's output features
     parent: str | None = None  # a part: the path of the whole site
     part: str | None = None  # a part's name where the config makes it unambiguous (q, gate, ...)
+    experts: int | None = None  # an expert site: how many experts the 3-D weight stacks
 
     @property
     def owner(self) -> str:
@@ -129,6 +137,7 @@ class SiteIndex:
     sites: dict[str, Site]
     nodes: dict[str, list[torch.fx.Node]] = field(default_factory=dict)
     parts: dict[str, Site] = field(default_factory=dict)  # slices of packed projections
+    experts: dict[str, Site] = field(default_factory=dict)  # 3-D expert weights
 
     def __iter__(self):
         return iter(self.sites.values())
@@ -137,10 +146,17 @@ class SiteIndex:
         return len(self.sites)
 
     def __getitem__(self, path: str) -> Site:
-        return self.sites[path] if path in self.sites else self.parts[path]
+        for table in (self.sites, self.parts, self.experts):
+            if path in table:
+                return table[path]
+        raise KeyError(path)
 
     def __contains__(self, path: str) -> bool:
-        return path in self.sites or path in self.parts
+        return path in self.sites or path in self.parts or path in self.experts
+
+    def everything(self) -> list[Site]:
+        """Whole sites, then slices, then expert weights: all a rule can select."""
+        return [*self.sites.values(), *self.parts.values(), *self.experts.values()]
 
     def parts_of(self, path: str) -> list[Site]:
         return [p for p in self.parts.values() if p.parent == path]
@@ -260,7 +276,67 @@ def find_sites(program: Program) -> SiteIndex:
         nodes[path] = [node]
         inputs[path] = operand(node, op, "x")
     index = SiteIndex(_with_groups(found, inputs), nodes)
+    find_experts(program, index)
     return find_parts(index)
+
+
+def expert_matmuls() -> tuple:
+    """The grouped matmuls of mixture-of-experts layers: aten's, and transformers' CPU
+    fallback where transformers has registered it."""
+    ops: tuple = (aten._grouped_mm.default,)
+    try:
+        ops += (torch.ops.transformers.grouped_mm_fallback.default,)
+    except (AttributeError, RuntimeError):
+        pass
+    return ops
+
+
+def find_experts(program: Program, index: SiteIndex) -> SiteIndex:
+    """Add to `index` a site for each 3-D parameter that is the weight of a grouped matmul,
+    directly ([experts, in, out], `transposed`) or through `transpose(-2, -1)` ([experts,
+    out, in], as transformers stores Mixtral's); returns `index`."""
+    grouped = expert_matmuls()
+    params = {s.name: s.target for s in program.slots if s.kind == PARAMETER}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in params or val is None or val.dim() != 3:
+            continue
+        layouts = set()
+        for user in node.users:
+            if user.target in grouped and user.args[1] is node:
+                layouts.add("in_out")
+            elif user.target == aten.transpose.int and {d % 3 for d in user.args[1:3]} == {1, 2}:
+                if any(u.target in grouped and u.args[1] is user for u in user.users):
+                    layouts.add("out_in")
+        if len(layouts) != 1:
+            continue
+        (layout,) = layouts
+        name = params[node.name]
+        experts, a, b = (int(d) for d in val.shape)
+        out_f, in_f = (a, b) if layout == "out_in" else (b, a)
+        module_type, layer = split_path(name)
+        stack = [u.meta.get("nn_module_stack") for u in node.users]
+        owner_cls = next((list(st.values())[-1][1] for st in stack if st), "")
+        index.experts[name] = Site(
+            path=name,
+            op="experts",
+            module_type=module_type,
+            layer=layer,
+            in_features=in_f,
+            out_features=out_f,
+            weight=name,
+            weight_shape=(experts, a, b),
+            dtype=val.dtype,
+            has_bias=False,
+            module_class=(owner_cls if isinstance(owner_cls, str) else owner_cls.__name__).rsplit(
+                ".", 1
+            )[-1],
+            group=(name,),
+            transposed=layout == "in_out",
+            experts=experts,
+        )
+        index.nodes[name] = [node]
+    return index
 
 
 # reshapes that keep the features as the last dim, which a packed projection's output may

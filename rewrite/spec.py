@@ -136,7 +136,7 @@ def target_matches(site: Site, target: str) -> bool:
     if sliced is not None:
         return False
     if target == ALL_LINEAR:
-        return is_linear_layer(site)
+        return is_linear_layer(site)  # never an expert weight, as in PEFT
     return path_matches(site.path, target)
 
 
@@ -333,13 +333,13 @@ def resolve(
     `candidates` (from a placement) limits the sites that rules without a selector take.
     """
     taken: dict[str, Assignment] = {}
-    every = [*sites, *sites.parts.values()]
+    every = sites.everything()
     for rule in spec.adapters:
         has_selector = bool(rule.targets or rule.types or rule.layers is not None)
         chosen = [
             s
             for s in every
-            if (rule.selects(s) if has_selector else s.rows is None)
+            if (rule.selects(s) if has_selector else s.rows is None and s.experts is None)
             and (candidates is None or s.path in candidates)
             and not any(path_matches(s.path, e) for e in rule.exclude)
         ]

@@ -31,6 +31,18 @@ def _assign(root: torch.nn.Module, target: str, value: torch.Tensor, kind: str) 
         module.register_buffer(leaf, value, persistent=kind == BUFFER)
 
 
+def _copy_attribute(source: torch.nn.Module, root: torch.nn.Module, target: str) -> None:
+    *parents, leaf = target.split(".")
+    owner = source.get_submodule(".".join(parents)) if parents else source
+    value = getattr(owner, leaf)
+    module = root
+    for part in parents:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    setattr(module, leaf, value)
+
+
 def unlift(program: Program, state: Mapping[str, torch.Tensor]) -> torch.fx.GraphModule:
     """A GraphModule that owns its tensors and runs like the original model."""
     root = torch.nn.Module()
@@ -62,6 +74,10 @@ def unlift(program: Program, state: Mapping[str, torch.Tensor]) -> torch.fx.Grap
                 )
             graph.output(tuple(torch.fx.map_arg(v, lambda x: env[x]) for v in outs[n:]))
             continue
+        if node.op == "get_attr" and not hasattr(root, node.target):
+            # a subgraph of a higher-order op (torch.export keeps a no_grad or autocast
+            # region as `submod_N` of the graph module): the new module needs it too
+            _copy_attribute(program.graph_module, root, node.target)
         env[node] = graph.node_copy(node, lambda x: env[x])
     names = [s.target for s in program.slots if s.kind == USER_INPUT]
     in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))[1]

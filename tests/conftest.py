@@ -35,6 +35,7 @@ shared_traces.install()
 # most tests first; these have few tests, so they went last and the other worker sat idle
 # while one of them ran. Longest first, then the rest as xdist orders them.
 SLOW_FILES = (
+    "test_architectures.py",
     "test_random_nets.py",
     "test_distributed.py",
     "test_onnx_export.py",

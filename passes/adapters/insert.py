@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from passes.adapters.base import site_forward
-from rewrite.names import PREFIX, logical_weight, param_target
+from rewrite.names import PREFIX, logical_weight, param_target, stored_weight, whole_weight
 from rewrite.passes import RuleSet
 from rewrite.program import Program
 from rewrite.sites import Site, SiteIndex, operand
@@ -133,7 +133,7 @@ class InsertAdapterRule:
         self.by_path = {a.site.path: a for a in plan}
         # a node's sites: the whole op, or its slices (a plan never takes both, see resolve)
         self.paths_of: dict[torch.fx.Node, list[str]] = {}
-        for path in [*sites.sites, *sites.parts]:
+        for path in [*sites.sites, *sites.parts, *sites.experts]:
             for node in sites.nodes[path]:
                 self.paths_of.setdefault(node, []).append(path)
 
@@ -148,8 +148,43 @@ class InsertAdapterRule:
     def rewrite(self, node: torch.fx.Node) -> None:
         out = node
         for path in self.paths_of[node]:
-            if path in self.by_path:
-                out = self._splice(self.by_path[path], node, out)
+            if path not in self.by_path:
+                continue
+            a = self.by_path[path]
+            if a.site.experts is not None:  # node is the expert weight's placeholder
+                self._splice_weight(a, node)
+            else:
+                out = self._splice(a, node, out)
+
+    def _splice_weight(self, a: Assignment, weight: torch.fx.Node) -> torch.fx.Node:
+        """An expert site: the ops that read the 3-D weight read `merged_weight(W, p)` instead,
+        computed each step (PEFT's target_parameters does the same), so the update is exactly
+        what merging folds in. Returns the adapted weight."""
+        site, method, graph = a.site, a.method, self.program.graph
+        names = list(method.params(site))
+        param_nodes = [self.program.add_parameter(param_target(method, site, n)) for n in names]
+        meta = {
+            n: torch.empty(s.shape, dtype=s.dtype or site.dtype, device="meta")
+            for n, s in method.params(site).items()
+        }
+        w_meta = torch.empty(site.weight_shape, dtype=site.dtype, device="meta")
+
+        def fn(x, base_out, W, b, p):
+            return stored_weight(site, method.merged_weight(site, whole_weight(site, W), p))
+
+        # the snippet's x and base_out are the weight too: a weight rewrite reads no activation
+        snippet = trace_snippet(
+            fn, weight, weight, w_meta, None, meta, key=_snippet_key(method, site, False)
+        )
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        inputs = [weight, weight, weight, None, *param_nodes]
+        out, inserted = splice(
+            graph, snippet, inputs, last_input, adapter_tag((site.path,), method.name)
+        )
+        out.meta["peftc"].update(output=True, base=weight.name)
+        keep = set(inserted)
+        weight.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+        return out
 
     def _splice(self, a: Assignment, node: torch.fx.Node, current: torch.fx.Node) -> torch.fx.Node:
         """Splice `a`'s adapter onto the site op `node`, reading `current` (the op's output, or

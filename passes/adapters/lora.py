@@ -3,6 +3,9 @@
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022);
 Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (2023).
 A is Kaiming-uniform and B zero, as in PEFT, so the adapter starts as the identity.
+On an expert site (a 3-D weight of a mixture-of-experts layer) each expert e has its own
+A_e [r, in] and B_e [out, r]: W_e + s·B_e·A_e, computed in weight space each step as PEFT's
+`target_parameters` does (the grouped matmul then multiplies by the adapted weights).
 
 `LoRAUpdate` is the B·A update itself (tensors, forward, merge, cost), shared by the
 methods that differ from LoRA only in how A and B start (EVA).
@@ -52,6 +55,11 @@ class LoRAUpdate(LowRank):
 
     def params(self, site: Site) -> dict[str, ParamSpec]:
         r = self.rank
+        if site.experts is not None:
+            return {
+                "lora_A": ParamSpec((site.experts, r, site.in_features)),
+                "lora_B": ParamSpec((site.experts, site.out_features, r)),
+            }
         if site.op == "embedding":
             return {
                 "lora_A": ParamSpec((r, site.in_features)),
@@ -93,6 +101,8 @@ class LoRAUpdate(LowRank):
             return W + (B @ A).t() * s
         if site.conv is not None and site.conv.groups > 1:
             return _dense(site, W) + _grouped_delta(site, A, B) * s
+        if site.experts is not None:  # per expert: [E, out, r] @ [E, r, in]
+            return W + torch.bmm(B, A) * s
         if site.conv is not None:
             if all(k == 1 for k in site.conv.kernel):
                 delta = (B.flatten(1) @ A.flatten(1)).view(W.shape)
@@ -109,6 +119,9 @@ class LoRAUpdate(LowRank):
         groups = site.conv.groups if site.conv else 1
         params = R * (D_IN * k + D_OUT / groups)
         flops_forward = 2 * T * R * (D_IN * k + D_OUT / groups) + 2 * T * D_OUT
+        if site.experts is not None:  # the update is formed in weight space, once a step
+            params = site.experts * R * (D_IN + D_OUT)
+            flops_forward = site.experts * (2 * R + 1) * D_IN * D_OUT
         return Cost(
             params=params,
             flops_forward=flops_forward,
@@ -143,7 +156,9 @@ def _grouped_delta(site: Site, A: Tensor, B: Tensor) -> Tensor:
 class LoRA(LoRAUpdate):
     init_weights: str = hp("kaiming", INITS)
 
-    supported_ops: ClassVar[tuple[str, ...]] = ("linear", "addmm", "conv1d", "conv2d", "embedding")
+    supported_ops: ClassVar[tuple[str, ...]] = (
+        "linear", "addmm", "conv1d", "conv2d", "embedding", "experts",
+    )  # fmt: skip
     batchable: ClassVar[bool] = True
     peft = PeftFormat(
         peft_type="LORA",
@@ -159,6 +174,11 @@ class LoRA(LoRAUpdate):
     def check_site(self, site: Site) -> str | None:
         if why := super().check_site(site):
             return why
+        if site.experts is not None and self.dropout > 0:
+            return (
+                f"{self.name} adapts expert weights in weight space, where there is no input "
+                "to drop out; set dropout: 0 for the expert targets"
+            )
         if site.conv is None:
             return None
         if set(site.conv.dilation) != {1}:
@@ -172,7 +192,11 @@ class LoRA(LoRAUpdate):
 
     def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
         shapes = self.params(site)
-        A = torch.empty(shapes["lora_A"].shape, dtype=torch.float32)
+        # an expert site's A is drawn as PEFT's [experts·r, in] Linear weight (fan-in: in)
+        drawn = shapes["lora_A"].shape
+        if site.experts is not None:
+            drawn = (site.experts * self.rank, site.in_features)
+        A = torch.empty(drawn, dtype=torch.float32)
         B = torch.zeros(shapes["lora_B"].shape, dtype=torch.float32)
         if site.op == "embedding":  # PEFT: A zero, B normal for embeddings
             A.zero_()
@@ -181,4 +205,5 @@ class LoRA(LoRAUpdate):
             A.normal_(std=1.0 / self.rank, generator=generator)
         else:
             torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        A = A.reshape(shapes["lora_A"].shape)
         return {"lora_A": A.to(W.dtype), "lora_B": B.to(W.dtype)}

@@ -64,7 +64,8 @@ def node_line(node: torch.fx.Node) -> str:
 
 def explain(adapted: Any, pattern: str, tokens: int = 1) -> list[Explanation]:
     """Explanations of every site whose path matches `pattern` (glob or dotted suffix)."""
-    matches = [s for s in adapted.sites if path_matches(s.path, pattern)]
+    # slices ("*.qkv_proj[0:64]") and expert weights too, matched as a spec target would be
+    matches = [s for s in adapted.sites.everything() if target_matches(s, pattern)]
     if not matches:
         example = next(iter(adapted.sites)).path if len(adapted.sites) else "(none)"
         raise ValueError(
@@ -193,15 +194,15 @@ def _merged_lines(a, state, merged_gm, merge_error) -> tuple[list[str], float | 
         for n in merged_gm.graph.nodes
         if n.op == "call_function"
         and n.target in _SITE_TARGETS
-        and module_path(n, "")[0] == site.path
+        and module_path(n, "")[0] == site.owner
     ]
     left = [n for n in merged_gm.graph.nodes if site.path in (tag_of(n) or {}).get("sites", ())]
     lines = [node_line(n) for n in nodes]
     doc = (method.merged_weight.__doc__ or "").strip().splitlines()
     lines.append(f"the weight it reads is merged_weight(W, adapter): {doc[0] if doc else ''}")
-    w_index = SITE_OPS[site.op].weight
+    w_index = SITE_OPS[site.op].weight if site.op in SITE_OPS else None  # experts: a weight
     delta = None
-    if nodes and isinstance(nodes[0].args[w_index], torch.fx.Node):
+    if nodes and w_index is not None and isinstance(nodes[0].args[w_index], torch.fx.Node):
         target = nodes[0].args[w_index].target
         merged_w = merged_gm.get_parameter(target)
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """The site table: one row per site with its shapes, method, rank, parameters, NFN and cost.
 
 Rows come in graph order, each packed projection followed by its slices (`qkv_proj[0:64]`,
-named q/k/v or gate/up where the config says so); `sort_rows` orders them by a column and `filter_rows` keeps the
+named q/k/v or gate/up where the config says so), then the expert weights; `sort_rows` orders them by a column and `filter_rows` keeps the
 paths that match globs (the spec's matching: `*.q_proj`, or a dotted suffix like `q_proj`).
 `format_table` draws a terminal table and `rows_json` gives plain data for `--json`.
 """
@@ -61,6 +61,7 @@ def site_rows(adapted: Any, tokens: int = 1, include_all: bool = False) -> list[
     rows = []
     index = adapted.sites
     every = [s for whole in index for s in (whole, *index.parts_of(whole.path))]
+    every += list(index.experts.values())
     for order, site in enumerate(every):
         a = by_path.get(site.path)
         if a is None and not include_all:
