@@ -315,8 +315,7 @@ def find_experts(program: Program, index: SiteIndex) -> SiteIndex:
         experts, a, b = (int(d) for d in val.shape)
         out_f, in_f = (a, b) if layout == "out_in" else (b, a)
         module_type, layer = split_path(name)
-        stack = [u.meta.get("nn_module_stack") for u in node.users]
-        owner_cls = next((list(st.values())[-1][1] for st in stack if st), "")
+        _, module_class = module_path(next(iter(node.users)), "")
         index.experts[name] = Site(
             path=name,
             op="experts",
@@ -328,9 +327,7 @@ def find_experts(program: Program, index: SiteIndex) -> SiteIndex:
             weight_shape=(experts, a, b),
             dtype=val.dtype,
             has_bias=False,
-            module_class=(owner_cls if isinstance(owner_cls, str) else owner_cls.__name__).rsplit(
-                ".", 1
-            )[-1],
+            module_class=module_class,
             group=(name,),
             transposed=layout == "in_out",
             experts=experts,
@@ -370,11 +367,16 @@ def _ranges(node: torch.fx.Node, features: int) -> list[tuple[int, int]]:
         return [(a, min(a + n, features)) for a, n in zip(starts, sizes, strict=True)]
 
     target = node.target
+
+    def index(i: int | None, default: int) -> int:  # Python's slice bounds: negative, clamped
+        i = default if i is None else i
+        return max(0, min(features, i + features if i < 0 else i))
+
     if target == aten.slice.Tensor and last(args[1]) and args[4] in (None, 1):
-        start, end = args[2] or 0, features if args[3] is None else min(args[3], features)
-        return [(start, end)]
+        return [(index(args[2], 0), index(args[3], features))]
     if target == aten.narrow.default and last(args[1]):
-        return [(args[2], args[2] + args[3])]
+        start = index(args[2], 0)
+        return [(start, start + args[3])]
     if target in (aten.split.Tensor, aten.split_with_sizes.default) and last(args[2]):
         return tiled(args[1])
     if target == aten.chunk.default and last(args[2]):

@@ -36,10 +36,6 @@ def qwen2() -> Built:  # GQA (4 heads, 2 kv heads), q/k/v biases, tied output he
     return _text(models.tiny_qwen2(layers=1))
 
 
-def gpt2() -> Built:  # no GQA, Conv1D (addmm) projections, tied head
-    return _text(models.tiny_gpt2())
-
-
 def phi3() -> Built:  # packed qkv_proj and gate_up_proj
     return _text(models.tiny_phi3(layers=1))
 
@@ -252,7 +248,7 @@ def matmul_llama() -> Built:  # Llama (GQA), every projection a matmul with its 
 ARCHITECTURES: dict[str, Callable[[], Built]] = {
     f.__name__: f
     for f in (
-        qwen2, gpt2, phi3, gpt_neox, opt, bert, clip_text, t5, bart, whisper,
+        qwen2, phi3, gpt_neox, opt, bert, clip_text, t5, bart, whisper,
         speech2text, vit, resnet, unet, mamba, mixtral, matmul_llama,
     )
 }  # fmt: skip

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from passes.adapters.base import Params, ParamSpec, SiteContext, Tensor
 from passes.adapters.cost import D_IN, D_OUT, Cost, R, T, dtype_bytes, site_symbols
-from passes.adapters.lora import LoRA
+from passes.adapters.lora import MODULE_OPS, LoRA
 from passes.adapters.registry import register
 from rewrite.sites import Site
 
@@ -29,6 +29,7 @@ class DoRA(LoRA):
     """LoRA's hyperparameters, tensors, init and PEFT names, plus the magnitude vector."""
 
     batchable: ClassVar[bool] = False
+    supported_ops: ClassVar[tuple[str, ...]] = MODULE_OPS
     peft = replace(
         LoRA.peft,
         when={**LoRA.peft.when, "use_dora": (True,)},

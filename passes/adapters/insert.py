@@ -103,7 +103,9 @@ def anonymous_site(site: Site) -> Site:
         group=(),
         module_class="",
         output_head=False,
-        transposed=False,  # the snippet reads W through the graph's t(W): [out, in] either way
+        # a linear's snippet reads W through the graph's t(W), [out, in] either way; an expert
+        # weight is read as stored, so its layout shapes the snippet
+        transposed=site.transposed and site.experts is not None,
         bias=None if site.bias is None else "",  # whether a bias exists (has_bias), not its name
         parent=None if site.parent is None else "",  # a slice's rows stay: they shape the graph
         part=None,
@@ -168,9 +170,11 @@ class InsertAdapterRule:
             for n, s in method.params(site).items()
         }
         w_meta = torch.empty(site.weight_shape, dtype=site.dtype, device="meta")
+        traced_site = anonymous_site(site)
 
         def fn(x, base_out, W, b, p):
-            return stored_weight(site, method.merged_weight(site, whole_weight(site, W), p))
+            merged = method.merged_weight(traced_site, whole_weight(traced_site, W), p)
+            return stored_weight(traced_site, merged)
 
         # the snippet's x and base_out are the weight too: a weight rewrite reads no activation
         snippet = trace_snippet(

@@ -28,6 +28,9 @@ from passes.adapters.registry import register
 from rewrite.sites import Site
 
 INITS = one_of("kaiming", "gaussian")
+# the layer ops of the LoRA family; plain LoRA also takes expert weights (its subclasses, whose
+# updates are not tested there, do not)
+MODULE_OPS = ("linear", "addmm", "conv1d", "conv2d", "embedding")
 
 # LoraConfig's fields of the LoRA-family hyperparameters, shared by every method PEFT stores
 # as a LoraConfig (DoRA, PiSSA, CorDA, EVA, LoRA+).
@@ -156,9 +159,7 @@ def _grouped_delta(site: Site, A: Tensor, B: Tensor) -> Tensor:
 class LoRA(LoRAUpdate):
     init_weights: str = hp("kaiming", INITS)
 
-    supported_ops: ClassVar[tuple[str, ...]] = (
-        "linear", "addmm", "conv1d", "conv2d", "embedding", "experts",
-    )  # fmt: skip
+    supported_ops: ClassVar[tuple[str, ...]] = (*MODULE_OPS, "experts")
     batchable: ClassVar[bool] = True
     peft = PeftFormat(
         peft_type="LORA",

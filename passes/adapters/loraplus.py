@@ -11,9 +11,10 @@ trace in adapter_config.json, so such a checkpoint loads back as `lora`.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 from passes.adapters.contract import POSITIVE_FINITE, hp
-from passes.adapters.lora import LoRA
+from passes.adapters.lora import MODULE_OPS, LoRA
 from passes.adapters.registry import register
 
 
@@ -23,5 +24,6 @@ class LoRAPlus(LoRA):
     # PEFT's default learning rate for embedding adapters
     loraplus_lr_embedding: float = hp(1e-6, POSITIVE_FINITE)
 
+    supported_ops: ClassVar[tuple[str, ...]] = MODULE_OPS
     # PEFT stores LoRA+ as plain LoRA; `lora` claims those checkpoints.
     peft = replace(LoRA.peft, claims=False)
