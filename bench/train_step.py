@@ -3,6 +3,7 @@
     python bench/train_step.py [--device cuda] [--hidden 512 --layers 4 --rank 16] [--vocab 2000]
                                [--json out.json]
     python bench/train_step.py --suite      # vocab 2000 and 32000, loss from labels, memory
+    python bench/train_step.py --bf16       # every contender under bf16 autocast
 
 Model: a Llama from config (hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 2000),
 inputs batch 4 × seq 128, LoRA r=16 alpha=32 on all seven projection types, AdamW. The
@@ -21,7 +22,8 @@ medians. Contenders:
      ForCausalLMLoss): the strongest PEFT configuration
   l  peftc compiled, fused, the loss from `labels` in its graph, fused_loss=False
   m  l with fused_loss=True (the default): head + cross-entropy as one chunked op
-The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
+`--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
+matmuls run in bf16: the CPU's AVX512-BF16, a GPU's tensor cores). The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
 k, l and m compare against each other and b (x/m in the ratios).
 `--suite` runs a, b, k, l, m at vocab 2000 and 32000 with `--memory` and writes one JSON
 (bench/results/train_step_suite_cpu.json, or --json).
@@ -34,6 +36,7 @@ just before them (weights, optimizer state and compiled code excluded, as they a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -136,20 +139,31 @@ def make_contender(key, base, args, x):
 
         def floor_step():
             emb = embed(x["input_ids"]).detach().requires_grad_()
-            logits = compiled(inputs_embeds=emb, attention_mask=x["attention_mask"]).logits
-            lm_loss(logits, x["input_ids"]).backward()
+            with precision(args):
+                logits = compiled(inputs_embeds=emb, attention_mask=x["attention_mask"]).logits
+                loss = lm_loss(logits, x["input_ids"])
+            loss.backward()
 
         return floor_step
     opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4) if key == "g" else 1e-4)
     opt_step = torch.compile(opt.step, fullgraph=False) if key == "g" else opt.step
 
     def step():
-        out = run(**x)
-        (out.loss if key in LABELS else lm_loss(out.logits, x["input_ids"])).backward()
+        with precision(args):
+            out = run(**x)
+            loss = out.loss if key in LABELS else lm_loss(out.logits, x["input_ids"])
+        loss.backward()
         opt_step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def precision(args):
+    """bf16 autocast under `--bf16`, else nothing."""
+    if not args.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
 
 
 def sync(device):
@@ -164,6 +178,8 @@ def measure_memory_child(args, key):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.mode:
         cmd += ["--mode", args.mode]
+    if args.bf16:
+        cmd += ["--bf16"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -232,6 +248,7 @@ def main(argv=None) -> int:
         help=f"contenders {SUITE_CONTENDERS} at vocab {' and '.join(map(str, SUITE_VOCABS))}, "
         f"with --memory, into one JSON (default {SUITE_JSON.relative_to(ROOT)})",
     )
+    p.add_argument("--bf16", action="store_true", help="every step under bf16 autocast")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -292,7 +309,7 @@ def measure(args) -> dict:
     print(
         f"\ntrain step, {args.device}, Llama hidden {args.hidden} x {args.layers} layers, "
         f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank}, "
-        f"median of {args.rounds}"
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.rounds}"
     )
     print(f"{'':3}{'contender':34}{'ms/step':>10}{mem_kind:>20}")
     for k in keys:
