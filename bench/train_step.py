@@ -22,6 +22,8 @@ medians. Contenders:
      ForCausalLMLoss): the strongest PEFT configuration
   l  peftc compiled, fused, the loss from `labels` in its graph, fused_loss=False
   m  l with fused_loss=True (the default): head + cross-entropy as one chunked op
+  n  d compiled for the traced shape only (dynamic=False; today's default is dynamic batch
+     and sequence)
 `--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
 matmuls run in bf16: the CPU's AVX512-BF16, a GPU's tensor cores). The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
 k, l and m compare against each other and b (x/m in the ratios).
@@ -72,6 +74,7 @@ NAMES = {
     "k": "PEFT + compile, loss from labels",
     "l": "peftc, labels, fused_loss=False",
     "m": "peftc, labels, fused_loss=True",
+    "n": "d, static shapes",
 }
 # The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
 METHOD = {
@@ -84,6 +87,7 @@ METHOD = {
     "j": "lorma",
     "l": "lora",
     "m": "lora",
+    "n": "lora",
 }
 LABELS = {"k", "l", "m"}  # the model computes its loss from `labels`
 NO_ALPHA = {"mora"}
@@ -129,7 +133,7 @@ def make_contender(key, base, args, x):
         model = peftc.compile(
             copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
         ).train()
-        model.compile_for_training(mode=args.mode)
+        model.compile_for_training(mode=args.mode, dynamic=key != "n")
         params = model.trainable_parameters()
         run = model
     else:
@@ -324,6 +328,7 @@ def measure(args) -> dict:
         ("h", "d"): "h/d PaCA step / LoRA step",
         ("i", "d"): "i/d MoRA step / LoRA step",
         ("j", "d"): "j/d LoRMA step / LoRA step",
+        ("d", "n"): "d/n dynamic shapes / static",
         ("a", "m"): "a/m speed-up over PEFT eager",
         ("b", "m"): "b/m speed-up over PEFT compiled",
         ("k", "m"): "k/m speed-up over PEFT compiled+labels",
