@@ -215,15 +215,7 @@ def mixtral() -> Built:  # mixture of experts: router and grouped-matmul experts
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        use_cache=False,
-        **ATTENTION,
+        **models.DECODER, num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2
     )
     return _text(MixtralForCausalLM(config).eval())
 

@@ -11,20 +11,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# the tiny decoders' shape: hidden 64, GQA (4 heads, 2 kv heads of 16), vocabulary 128
+DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "use_cache": False,
+}
+
+
 def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 96) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        use_cache=False,
-    )
+    config = LlamaConfig(**{**DECODER, "intermediate_size": intermediate}, num_hidden_layers=layers)
     return LlamaForCausalLM(config).eval()
 
 
@@ -33,17 +36,7 @@ def tiny_qwen2(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
+    config = Qwen2Config(**DECODER, num_hidden_layers=layers, tie_word_embeddings=True)
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -52,19 +45,8 @@ def tiny_phi3(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(seed)
-    config = Phi3Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        use_cache=False,
-    )
+    tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    config = Phi3Config(**DECODER, **tokens, num_hidden_layers=layers)
     return Phi3ForCausalLM(config).eval()
 
 
