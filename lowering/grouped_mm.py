@@ -47,7 +47,7 @@ def decompose_grouped_mm(module: torch.nn.Module) -> torch.nn.Module:
         if node.op == "call_function" and node.target in grouped:
             args = list(node.args) + [None] * 2
             if args[2] is None or args[3] is not None or node.kwargs.get("bias") is not None:
-                raise NotImplementedError(
+                raise ValueError(
                     f"{node.name}: a grouped matmul without offsets or with a bias has no ONNX "
                     "decomposition in peftc; build the model with "
                     "experts_implementation='batched_mm' (a transformers from_pretrained or "

@@ -66,3 +66,14 @@ def test_the_onnx_form_of_the_grouped_matmul_equals_transformers_with_an_idle_ex
     expected = _grouped_mm_fallback(rows, weight, offs)
     assert torch.equal(expected[1:], rows[1:] @ weight[2])
     torch.testing.assert_close(dense_grouped_mm(rows, weight, offs), expected, atol=TOL, rtol=TOL)
+
+
+def test_a_grouped_matmul_without_offsets_is_refused_with_the_fix():
+    from lowering.grouped_mm import decompose_grouped_mm
+
+    graph = torch.fx.Graph()
+    rows, weight = graph.placeholder("rows"), graph.placeholder("weight")
+    graph.output(graph.call_function(torch.ops.aten._grouped_mm.default, (rows, weight)))
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    with pytest.raises(ValueError, match="experts_implementation='batched_mm'"):
+        decompose_grouped_mm(module)
