@@ -148,9 +148,10 @@ def _expert_prefixes(model: torch.nn.Module, assignments: list) -> dict[str, str
     return prefixes
 
 
-def _to_param_wrapper(site, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA on an expert site in PEFT's ParamWrapper layout: lora_A a Linear(in, r·E) whose
-    row e·r + j is A_e's row j, lora_B a Linear(r·E, out) whose column j·E + e is B_e's j."""
+def _to_param_wrapper(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA on an expert site (only `lora` takes them) in PEFT's ParamWrapper layout: lora_A a
+    Linear(in, r·E) whose row e·r + j is A_e's row j, lora_B a Linear(r·E, out) whose column
+    j·E + e is B_e's column j."""
     A, B = p["lora_A"], p["lora_B"]  # [E, r, in], [E, out, r]
     experts, rank = A.shape[0], A.shape[1]
     return {
@@ -216,7 +217,7 @@ def save_adapter(adapted, directory: str | os.PathLike, format: str = "auto") ->
     for a in plan:
         p = {n: state[param_target(a.method, a.site, n)].detach() for n in a.method.params(a.site)}
         if a.site.experts is not None:
-            for suffix, value in _to_param_wrapper(a.site, p).items():
+            for suffix, value in _to_param_wrapper(p).items():
                 tensors[expert_keys[a.path] + suffix] = value.contiguous().cpu()
             continue
         converted = a.method.peft_tensors(a.site, p)
