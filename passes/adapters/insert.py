@@ -180,10 +180,12 @@ class InsertAdapterRule:
         snippet = trace_snippet(
             fn, weight, weight, w_meta, None, meta, key=_snippet_key(method, site, False)
         )
-        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        # right before the weight's first reader, inside its layer, as every other snippet
+        # sits beside its op (not among the graph's inputs)
+        first_reader = min(weight.users, key=list(graph.nodes).index)
         inputs = [weight, weight, weight, None, *param_nodes]
         out, inserted = splice(
-            graph, snippet, inputs, last_input, adapter_tag((site.path,), method.name)
+            graph, snippet, inputs, first_reader.prev, adapter_tag((site.path,), method.name)
         )
         out.meta["peftc"].update(output=True, base=weight.name)
         keep = set(inserted)
