@@ -207,7 +207,8 @@ def mamba() -> Built:  # state-space model (the sequential scan of transformers'
         vocab_size=128,
         use_cache=False,
     )
-    return _text(MambaForCausalLM(config).eval())
+    # the CPU scan unrolls over the sequence in the trace: a short one keeps it small
+    return MambaForCausalLM(config).eval(), {"input_ids": _ids(2, 6)}
 
 
 def mixtral() -> Built:  # mixture of experts: router and grouped-matmul experts
