@@ -297,13 +297,21 @@ def find_experts(program: Program, index: SiteIndex) -> SiteIndex:
     out, in], as transformers stores Mixtral's); returns `index`."""
     grouped = expert_matmuls()
     params = {s.name: s.target for s in program.slots if s.kind == PARAMETER}
+    # in an adapted graph the base ops read the adapted weight: the adapter output that
+    # stands for the placeholder (its tag's base)
+    stand_in: dict[str, torch.fx.Node] = {}
+    for n in program.graph.nodes:
+        tag = n.meta.get(TAG_KEY)
+        if tag and tag.get("output") and tag.get("base"):
+            stand_in[tag["base"]] = n
     for node in program.graph.nodes:
         val = node.meta.get("val")
         if node.op != "placeholder" or node.name not in params or val is None or val.dim() != 3:
             continue
         layouts = set()
-        for user in node.users:
-            if user.target in grouped and user.args[1] is node:
+        weight = stand_in.get(node.name, node)
+        for user in weight.users:
+            if user.target in grouped and user.args[1] is weight:
                 layouts.add("in_out")
             elif user.target == aten.transpose.int and {d % 3 for d in user.args[1:3]} == {1, 2}:
                 if any(u.target in grouped and u.args[1] is user for u in user.users):
@@ -315,7 +323,7 @@ def find_experts(program: Program, index: SiteIndex) -> SiteIndex:
         experts, a, b = (int(d) for d in val.shape)
         out_f, in_f = (a, b) if layout == "out_in" else (b, a)
         module_type, layer = split_path(name)
-        _, module_class = module_path(next(iter(node.users)), "")
+        _, module_class = module_path(next(iter(weight.users)), "")
         index.experts[name] = Site(
             path=name,
             op="experts",

@@ -142,3 +142,14 @@ def test_per_block_checkpointing_keeps_the_expert_gradients(base):
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads_ac[name], grad, atol=TOL, rtol=TOL)
+
+
+def test_the_html_report_pictures_an_expert_weight(base):
+    from peftc.inspect.report import html_report
+
+    model, x = base
+    spec = {"adapters": [{"method": "lora", "targets": EXPERTS[1:], "rank": 2}]}
+    adapted = peftc.compile(copy.deepcopy(model), spec, x)
+    path = "model.layers.0.mlp.experts.down_proj"
+    html = html_report(adapted, pictures=[path])
+    assert f'<figure data-site="{path}">' in html and "mlp.experts.down_proj" in html

@@ -188,3 +188,12 @@ def test_slice_targets_select_only_slices_and_errors_name_the_fix():
         peftc.compile(base, spec(["*.qkv_proj[0:65]"]), x)
     with pytest.raises(SpecError, match="adapted whole and its slice"):
         peftc.compile(base, spec(["qkv_proj", "*.qkv_proj[k]"]), x)
+
+
+def test_the_html_report_pictures_a_slice(case):
+    from peftc.inspect.report import html_report
+
+    name, _, adapted, _ = case
+    path = adapted.plan.assignments[0].site.path  # the q slice of the first layer
+    html = html_report(adapted, pictures=[path])
+    assert f'<figure data-site="{path}">' in html and "<svg" in html

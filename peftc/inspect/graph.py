@@ -10,7 +10,7 @@ and would make any radius reach the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import networkx as nx
 import torch
@@ -62,6 +62,8 @@ def program_graph(program: Program) -> nx.DiGraph:
     slot_target = {s.name: s.target for s in program.slots}
     base_sites = find_sites(program)
     site_of_node = {n.name: path for path, nodes in base_sites.nodes.items() for n in nodes}
+    # where each site's adapter tensors are stored -> its path (a slice's brackets are not)
+    owners = {s.state_path: s.path for s in base_sites.everything()}
     g = nx.DiGraph()
     for node in program.graph.nodes:
         tag = tag_of(node)
@@ -70,7 +72,7 @@ def program_graph(program: Program) -> nx.DiGraph:
             role, sites = tag["role"], tag["sites"]
         elif node.op == "placeholder" and slot_target.get(node.name, "").startswith(PREFIX):
             role = ADAPTER
-            sites = _sites_of_tensor(slot_target[node.name], base_sites.sites)
+            sites = _sites_of_tensor(slot_target[node.name], owners)
         g.add_node(
             node.name,
             op=node.op,
@@ -87,13 +89,14 @@ def program_graph(program: Program) -> nx.DiGraph:
     return g
 
 
-def _sites_of_tensor(target: str, paths: Iterable[str]) -> tuple[str, ...]:
-    """`adapters.<site path>.<name>` -> (site path,); shared tensors belong to no one site."""
+def _sites_of_tensor(target: str, owners: Mapping[str, str]) -> tuple[str, ...]:
+    """`adapters.<site state path>.<name>` -> (site path,); shared tensors belong to no one
+    site."""
     rest = target[len(PREFIX) :]
     if rest.startswith("shared."):
         return ()
     owner = rest.rsplit(".", 1)[0]
-    return (owner,) if owner in set(paths) else ()
+    return (owners[owner],) if owner in owners else ()
 
 
 def site_nodes(g: nx.DiGraph, pattern: str) -> dict[str, list[str]]:
@@ -103,7 +106,7 @@ def site_nodes(g: nx.DiGraph, pattern: str) -> dict[str, list[str]]:
     for name, data in g.nodes(data=True):
         paths = ([data["site_op"]] if data["site_op"] else []) + list(data["sites"])
         for path in paths:
-            if path_matches(path, pattern):
+            if path == pattern or path_matches(path, pattern):  # a slice's path has brackets
                 out.setdefault(path, []).append(name)
     if not out:
         known = sorted({d["site_op"] for _, d in g.nodes(data=True) if d["site_op"]})
