@@ -18,7 +18,7 @@ import peftc
 from lowering.multi_adapter import export_multi
 from passes.cleanup import Cleanup
 from passes.merge import merged_weights, op_multiset
-from peftc.inspect.table import format_table, site_rows
+from peftc.inspect.table import filter_rows, format_table, site_rows
 from rewrite.spec import SpecError
 from rewrite.trace import trace
 from tests.models import tiny_gpt2, tiny_phi3, token_inputs
@@ -101,6 +101,8 @@ def test_the_site_table_lists_the_slices_named_from_the_config(case):
             "c_attn[128:192]": "v",
         }
     assert "[0:64] (q)" in format_table(rows)
+    q = next(r for r in rows if r.part == "q")
+    assert [r.path for r in filter_rows(rows, [q.path])] == [q.path]  # brackets and all
     assert [a.site.rows for a in adapted.plan][:2] == CASES[name][3]
 
 
