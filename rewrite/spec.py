@@ -141,6 +141,10 @@ def target_matches(site: Site, target: str) -> bool:
 
 
 def path_matches(path: str, pattern: str) -> bool:
+    """A glob over the path, or the path itself or a dotted suffix of it. The path itself
+    first: a slice's path (`qkv_proj[0:64]`) would read as a glob character class."""
+    if path == pattern:
+        return True
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(path, pattern)
     return path == pattern or path.endswith("." + pattern)

@@ -106,7 +106,7 @@ def site_nodes(g: nx.DiGraph, pattern: str) -> dict[str, list[str]]:
     for name, data in g.nodes(data=True):
         paths = ([data["site_op"]] if data["site_op"] else []) + list(data["sites"])
         for path in paths:
-            if path == pattern or path_matches(path, pattern):  # a slice's path has brackets
+            if path_matches(path, pattern):
                 out.setdefault(path, []).append(name)
     if not out:
         known = sorted({d["site_op"] for _, d in g.nodes(data=True) if d["site_op"]})

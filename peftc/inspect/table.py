@@ -110,8 +110,7 @@ def filter_rows(rows: Sequence[SiteRow], patterns: Sequence[str] | None) -> list
     """The rows whose path matches any of `patterns` (all rows when there are none)."""
     if not patterns:
         return list(rows)
-    # exactly first: a slice's path (`qkv_proj[0:64]`) is not a glob of itself
-    return [r for r in rows if any(r.path == p or path_matches(r.path, p) for p in patterns)]
+    return [r for r in rows if any(path_matches(r.path, p) for p in patterns)]
 
 
 def _sort_value(row: SiteRow, key: str) -> Any:
