@@ -575,12 +575,13 @@ def hf_tokens(
 
 
 def _until_eos(tokens: list[int], model: torch.nn.Module, start: int) -> list[int]:
-    """A generated row cut after its first end token (HF pads finished rows of a batch)."""
+    """A generated row up to its first end token, which is dropped: onnxruntime-genai's
+    sequences stop before it (and HF pads the finished rows of a batch after it)."""
     eos = model.generation_config.eos_token_id
     ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     for i in range(start, len(tokens)):
         if tokens[i] in ends:
-            return tokens[: i + 1]
+            return tokens[:i]
     return tokens
 
 

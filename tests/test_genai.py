@@ -206,3 +206,34 @@ def test_missing_onnxruntime_genai_names_the_install(llama, tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_genai)
     with pytest.raises(GenaiError, match="pip install --no-deps onnxruntime-genai"):
         genai_tokens(tmp_path, [PROMPT], NEW)
+
+
+def test_slices_of_phi3s_packed_qkv_decode_per_row_in_the_kv_cache_graph(tmp_path):
+    """Phi-3's packed qkv_proj: one adapter on its q and v slices, one on the whole module,
+    mixed per row in the KV-cache decoder; each row's tokens are transformers' generate on
+    that adapter's merged model (verified inside the export), and the two differ."""
+    from tests.models import tiny_phi3
+
+    base = tiny_phi3()
+    adapters = []
+    for seed, targets in ((1, ["*.qkv_proj[q]", "*.qkv_proj[v]"]), (2, ["qkv_proj"])):
+        spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4}]}
+        adapted = peftc.compile(base, spec, token_inputs()).eval()
+        perturb(adapted.trainable_parameters(), std=0.1, seed=seed)
+        adapters.append(adapted)
+    assert adapters[0].plan.assignments[0].site.part == "q"
+    report = export_genai(adapters, tmp_path / "pkg", mode="mixed")
+    rows = [report.tokens[key] for key in sorted(report.tokens)]
+    assert len(rows) == 2 and rows[0] != rows[1]
+
+
+def test_the_reference_tokens_stop_before_the_end_token_as_genai_does():
+    """transformers keeps the end token it generated (and pads finished rows after it);
+    onnxruntime-genai's sequences stop before it, so the reference drops it."""
+    from types import SimpleNamespace
+
+    from lowering.genai import _until_eos
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))
+    assert _until_eos([5, 6, 7, 2, 0, 0], model, start=2) == [5, 6, 7]
+    assert _until_eos([5, 2, 7, 8], model, start=2) == [5, 2, 7, 8]  # a 2 in the prompt stays
