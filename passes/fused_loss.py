@@ -101,7 +101,7 @@ def linear_cross_entropy(
         if every:
             dh[rows] = grad @ weight
         else:
-            dh.index_copy_(0, idx, grad @ weight)
+            dh.index_copy_(0, idx, (grad @ weight).to(dh.dtype))  # bf16 under autocast
         if weight_grad:
             dw.addmm_(grad.t(), hc)
     if reduction == MEAN:
@@ -177,7 +177,7 @@ class FuseLinearCrossEntropy:
         chain.append(value)
         for n in chain:
             for user in n.users:
-                if user is node or user in chain or user.op == "output" or _is_assert(user):
+                if user is node or user in chain or user.op == "output":
                     continue
                 return "the logits have other readers than the loss"
         self._chain = chain
@@ -208,13 +208,6 @@ class FuseLinearCrossEntropy:
         graph.erase_node(node)
         out = graph.output_node()
         out.args = torch.fx.node.map_arg(out.args, lambda n: None if n in chain else n)
-        for n in chain:  # the metadata checks would keep the logits alive
-            for user in [u for u in n.users if _is_assert(u)]:
-                graph.erase_node(user)
-
-
-def _is_assert(node: torch.fx.Node) -> bool:
-    return node.target == aten._assert_tensor_metadata.default
 
 
 def fused_loss(head_nodes: Iterable[torch.fx.Node], weight_grad: bool = False) -> RuleSet:

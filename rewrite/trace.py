@@ -366,6 +366,7 @@ def _program_from_export(
                 f"the model mutates {spec.target or spec.arg} ({spec.kind.name}); "
                 "peftc supports buffer mutations only (e.g. BatchNorm statistics)"
             )
+    _drop_dtype_checks(ep.graph_module)
     return Program(
         graph_module=ep.graph_module,
         slots=slots,
@@ -378,6 +379,20 @@ def _program_from_export(
         training=training,
         exported=ep,
     )
+
+
+def _drop_dtype_checks(graph_module: torch.fx.GraphModule) -> None:
+    """Remove torch.export's `_assert_tensor_metadata` nodes.
+
+    export puts one before each `.to()`, asserting that its input has the dtype and device it
+    had when traced. Under `torch.autocast` a linear's output is bf16 where the trace saw fp32,
+    so the check before the model's own upcast (`logits.float()`) fails while the cast itself
+    is what autocast needs. The graph's inputs are checked by `check_inputs` instead."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+    graph_module.recompile()
 
 
 def check_inputs(program: Program, inputs: Mapping[str, Any]) -> None:
