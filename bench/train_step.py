@@ -15,9 +15,9 @@ medians. Contenders:
      (input embeddings require grad, so the backward runs through every layer)
   f  peftc DoRA compiled (r=16)
   g  d with the optimizer step compiled too (torch.compile of AdamW.step)
-  h  peftc PaCA compiled (r=16: 16 trained input columns per layer, alpha = r)
-  i  peftc MoRA compiled (rank 16: the LoRA-equivalent budget, one square matrix)
-  j  peftc LoRMA compiled (r=16, pre + rri: W' = W + s·B·A·W each step)
+  h  peftc PaCA compiled (r trained input columns per layer, r = --rank, alpha = 2·r)
+  i  peftc MoRA compiled (rank = --rank: the LoRA-equivalent budget, one square matrix)
+  j  peftc LoRMA compiled (r = --rank, pre + rri: W' = W + s·B·A·W each step)
   k  PEFT + torch.compile, the loss from `labels` inside the compiled model (HF's
      ForCausalLMLoss): the strongest PEFT configuration
   l  peftc compiled, fused, the loss from `labels` in its graph, fused_loss=False
