@@ -9,13 +9,14 @@ division by num_items_in_batch). Autograd keeps those fp32 logits and forms thei
 The `fused_loss` pass replaces head linear → upcast → view → cross_entropy with one custom op,
 `peftc::linear_cross_entropy(h, W, target, ...)`, which goes over the kept tokens (labels not
 `ignore_index`; ignored positions get no logits at all) a chunk of rows at a time: logits =
-h_c·Wᵀ in fp32, their logsumexp, the target logit, and at once the loss's gradient w.r.t.
-h_c (softmax − one-hot, scaled) times W, and w.r.t. W where W trains. Its registered backward
-only scales the saved dh (and dW) by the incoming gradient, as Liger's fused linear
-cross-entropy does. At most one chunk of logits is alive at a time, and the GEMM count equals
-the unfused graph's (forward logits, backward dh). It is a custom op, not ATen inlined in the
-graph: its loop has a data-dependent trip count (kept tokens), which `torch.compile(fullgraph=
-True, dynamic=True)` could not trace, while Inductor calls an opaque op as it is.
+h_c·Wᵀ upcast to fp32 (the GEMM in autocast's dtype under autocast, as the unfused linear's),
+their logsumexp, the target logit, and at once the loss's gradient w.r.t. h_c (softmax −
+one-hot, scaled) times W, and w.r.t. W where W trains. Its registered backward only scales
+the saved dh (and dW) by the incoming gradient, as Liger's fused linear cross-entropy does.
+At most one chunk of logits is alive at a time, and the GEMM count equals the unfused
+graph's (forward logits, backward dh). It is a custom op, not ATen inlined in the graph:
+its loop has a data-dependent trip count (kept tokens), which `torch.compile(fullgraph=True,
+dynamic=True)` could not trace, while Inductor calls an opaque op as it is.
 
 The logits are then never made, so the fused graph returns `logits=None` (Liger's
 `skip_logits`); the eval graph is not rewritten and returns logits. The pass declines, with a
@@ -101,7 +102,7 @@ def linear_cross_entropy(
         if every:
             dh[rows] = grad @ weight
         else:
-            dh.index_copy_(0, idx, (grad @ weight).to(dh.dtype))  # bf16 under autocast
+            dh.index_copy_(0, idx, grad @ weight)
         if weight_grad:
             dw.addmm_(grad.t(), hc)
     if reduction == MEAN:
@@ -133,6 +134,30 @@ def _backward(ctx, g_loss, g_dh, g_dw):
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
+
+_LIB = torch.library.Library("peftc", "FRAGMENT")
+
+
+def _register_autocast(device: str, key: str) -> None:
+    """Under autocast, h and W enter in autocast's dtype (whichever it is; torch.library's
+    register_autocast fixes one) and the op runs with autocast off: its GEMMs are the
+    unfused linear's, cast once, and its softmax stays fp32. The casts are ops in the traced
+    graph, so a compiled step gets them too (the op itself cannot see autocast at run time)."""
+
+    def kernel(_keyset, h, weight, target, *rest):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return linear_cross_entropy(_cast(h, dtype), _cast(weight, dtype), target, *rest)
+
+    _LIB.impl("linear_cross_entropy", kernel, key, with_keyset=True)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
+for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _register_autocast(_device, _key)
 
 
 class FuseLinearCrossEntropy:

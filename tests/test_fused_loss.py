@@ -163,3 +163,31 @@ def test_the_op_gives_the_weight_gradient_where_the_head_trains():
     assert_relative(got_w, 3.0 * dw)
     with pytest.raises(RuntimeError, match="fused_loss=False"):
         linear_cross_entropy(h, w, t, -100, 1, False, 4)
+
+
+def test_under_autocast_the_op_runs_its_gemms_in_autocasts_dtype_eager_and_traced():
+    """h and W enter the op cast to autocast's dtype, as the unfused linear's inputs would, in
+    eager calls and in a compiled graph (the casts are traced ops: the opaque op cannot see
+    autocast when Inductor's code calls it). Oracle: cross_entropy of the bf16 GEMM's logits
+    upcast to fp32, to 1e-5; the fp32 loss differs from it, so the check can fail."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 8, 32, generator=g, requires_grad=True)
+    w = torch.randn(50, 32, generator=g)
+    t = torch.randint(0, 50, (16,), generator=g)
+    bf16_logits = (h.detach().bfloat16() @ w.bfloat16().t()).float()
+    expected = torch.nn.functional.cross_entropy(bf16_logits.flatten(0, 1), t)
+    fp32 = torch.nn.functional.cross_entropy((h.detach() @ w.t()).flatten(0, 1), t)
+    assert (fp32 - expected).abs() > 1e-5
+
+    def op(h, w, t):
+        loss, dh, _ = FUSED_OP(h, w, t, -100, 1, False, 8)
+        return loss, dh
+
+    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+    for run in (op, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, dh = run(h, w, t)
+        assert dh.dtype == torch.bfloat16
+        assert_relative(loss, expected)
+        (grad,) = torch.autograd.grad(loss, h)
+        assert grad.dtype == torch.float32  # back through the cast to h's own dtype
