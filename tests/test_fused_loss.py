@@ -59,6 +59,27 @@ def assert_relative(actual, expected, tol=1e-5):
     assert (actual - expected).abs().max() <= tol * scale, (actual, expected)
 
 
+def test_bf16_autocast_trains_fused_and_unfused_as_fp32_does(models):
+    """Under bf16 autocast (weights and adapters fp32) both graphs run (torch.export's dtype
+    checks before the model's upcasts used to refuse the bf16 logits), their bf16 matmuls
+    move the loss, and loss and gradients stay within 5e-2 of fp32 (test_inductor's bf16
+    tolerance). Both eager, before the next test compiles `on`: the compiled path's casts are
+    the op-level test's at the end."""
+    _, on, off = models
+    x = labelled(2, 16, seed=4)
+    want = off(**x).loss
+    want.backward()
+    want_grads = grads(off)
+    for model in (off, on):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**x).loss
+        assert loss.dtype == torch.float32 and loss != want  # bf16 GEMMs ran
+        torch.testing.assert_close(loss, want, atol=5e-2, rtol=5e-2)
+        loss.backward()
+        for name, g in grads(model).items():
+            torch.testing.assert_close(g, want_grads[name], atol=5e-2, rtol=5e-2)
+
+
 def test_loss_and_adapter_gradients_equal_the_unfused_graph_eager_and_compiled(models):
     base, on, off = models
     x = labelled(2, 16, seed=3)
@@ -79,26 +100,6 @@ def test_loss_and_adapter_gradients_equal_the_unfused_graph_eager_and_compiled(m
     loss.backward()
     for name, g in grads(on).items():
         assert_relative(g, want[name])
-
-
-def test_bf16_autocast_trains_fused_and_unfused_as_fp32_does(models):
-    """Under bf16 autocast (weights and adapters fp32) both graphs run (torch.export's dtype
-    checks before the model's upcasts used to refuse the bf16 logits), their bf16 matmuls
-    move the loss, and loss and gradients stay within 5e-2 of fp32 (test_inductor's bf16
-    tolerance). `off` runs eagerly, `on` compiled (the first test compiled it)."""
-    _, on, off = models
-    x = labelled(2, 16, seed=4)
-    want = off(**x).loss
-    want.backward()
-    want_grads = grads(off)
-    for model in (off, on):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**x).loss
-        assert loss.dtype == torch.float32 and loss != want  # bf16 GEMMs ran
-        torch.testing.assert_close(loss, want, atol=5e-2, rtol=5e-2)
-        loss.backward()
-        for name, g in grads(model).items():
-            torch.testing.assert_close(g, want_grads[name], atol=5e-2, rtol=5e-2)
 
 
 def _vocab_sized(program):
