@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from passes.fused_loss import compiled_step
 from passes.pipeline import Pipeline
 from rewrite.dequant import inline_dequantize
 from rewrite.program import USER_INPUT, Program
@@ -73,7 +74,8 @@ def compile_program(
                 dynamic=dynamic,
                 mode=mode,
             )
-        return compiled(*args)
+        with compiled_step():  # the fused loss's chunk passes run compiled too
+            return compiled(*args)
 
     return run
 
