@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from lowering.blocks import block_paths, split_blocks
+from lowering.compile_cache import salted
 from passes.pipeline import Pipeline
 
 aten = torch.ops.aten
@@ -90,7 +91,7 @@ def wrap_piece(
     with Inductor (fullgraph, dynamic shapes), or both."""
     fn = checkpointed_piece(piece, policy) if checkpoint else piece
     if compile:
-        fn = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True)
+        fn = salted(torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True))
     return fn
 
 

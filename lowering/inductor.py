@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lowering.compile_cache import salted
 from passes.fused_loss import compiled_step
 from passes.pipeline import Pipeline
 from rewrite.dequant import inline_dequantize
@@ -67,12 +68,14 @@ def compile_program(
         key = grad_pattern(args, user_inputs)
         compiled = variants.get(key)
         if compiled is None:
-            compiled = variants[key] = torch.compile(
-                _own_function(fn, f"peftc_step_{len(variants)}"),
-                backend="inductor",
-                fullgraph=True,
-                dynamic=dynamic,
-                mode=mode,
+            compiled = variants[key] = salted(
+                torch.compile(
+                    _own_function(fn, f"peftc_step_{len(variants)}"),
+                    backend="inductor",
+                    fullgraph=True,
+                    dynamic=dynamic,
+                    mode=mode,
+                )
             )
         with compiled_step():  # the fused loss's chunk passes run compiled too
             return compiled(*args)
