@@ -39,7 +39,7 @@ from passes.quantize import DequantizeBase, QuantizeBase, QuantizedBase, QuantSt
 from rewrite.bnb_layers import read_bnb_layers
 from rewrite.capture import capture_site_inputs
 from rewrite.codec import QuantizedWeight
-from rewrite.names import PREFIX
+from rewrite.names import PREFIX, param_target
 from rewrite.passes import Pass, PassManager, PassRecord
 from rewrite.program import Program
 from rewrite.quantize_config import QuantizeSpecError, parse_quantize
@@ -114,6 +114,7 @@ class Pipeline:
         self._records_with_code: list[PassRecord] | None = None
         # compiled callables that replace a mode's graph module when it runs (lowering.inductor)
         self.runners: dict[bool, Callable[..., Any]] = {}
+        self._counters: tuple[Plan, list[str]] | None = None  # advance_step_counters' names
         self._traces: dict[bool, Program] = {}  # un-rewritten, until that mode's graph is built
         self._sites: dict[bool, SiteIndex] = {}
         self._programs: dict[bool, Program] = {}  # rewritten
@@ -242,6 +243,26 @@ class Pipeline:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter tensors that train (the base model is frozen)."""
         return [p for p in self.adapters.parameters() if p.requires_grad]
+
+    def advance_step_counters(self) -> None:
+        """Add 1 to every step counter (`ParamSpec.counter`: SingLoRA's t), as a training
+        forward begins. Here rather than in the graph: a graph that wrote its input would
+        have a recompute (activation checkpointing, a compiled backward) read the new value,
+        and torch.utils.checkpoint refuses a saved input written after the save."""
+        plan = self._plan()
+        if self._counters is None or self._counters[0] is not plan:
+            names = {
+                param_target(a.method, a.site, name)
+                for a in plan
+                for name, spec in a.method.params(a.site).items()
+                if spec.counter
+            }
+            self._counters = (plan, sorted(names))
+        if self._counters[1]:
+            state = self.adapter_parameters()
+            with torch.no_grad():
+                for name in self._counters[1]:
+                    state[name].add_(1)
 
     # -- planning and building ---------------------------------------------------------------
 
@@ -383,6 +404,8 @@ class Pipeline:
         """Run a mode's adapted graph on named inputs (compiled, where `runners` has it)."""
         program = self.program(training)
         check_inputs(program, inputs)
+        if training:
+            self.advance_step_counters()
         runner = self.runners.get(training)
         if training and self.checkpointing and runner is None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(

@@ -154,6 +154,8 @@ class ShardedModel(torch.nn.Module):
         inputs = bind_call(pipeline.model, args, kwargs)
         program = self._programs[self.training]
         check_inputs(program, inputs)
+        if self.training:
+            pipeline.advance_step_counters()
         # a quantized base: autograd keeps how to dequantize each weight, not the weight
         recipes = recompute_dequantized() if pipeline.quantized_weights else nullcontext()
         with recipes:

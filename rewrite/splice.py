@@ -118,8 +118,10 @@ def trace_snippet(
     bias: torch.Tensor | None,
     params: dict[str, torch.Tensor],
     key: Hashable | None = None,
+    owner: str = "the adapter",
 ) -> torch.fx.GraphModule:
-    """Export `fn(x, base_out, weight, bias, params)` into an ATen graph.
+    """Export `fn(x, base_out, weight, bias, params)` into an ATen graph (`owner`: whose
+    forward it is, for the error when `fn` writes one of its inputs).
 
     `x` and `base_out` are graph nodes whose meta values give their (possibly symbolic) shapes;
     the other arguments are meta tensors of fixed shape.
@@ -148,9 +150,37 @@ def trace_snippet(
     args = (x_ex, out_ex, weight, bias, params)
     dynamic = (x_dyn or None, out_dyn or None, None, None, {k: None for k in params})
     ep = torch.export.export(_Snippet(fn), args, dynamic_shapes=dynamic, strict=False)
+    written = written_inputs(ep.graph_module.graph)
+    if written:
+        raise ValueError(
+            f"{owner}: its forward writes its input {', '.join(written)} in place: a forward "
+            "must only read its tensors (a recompute under activation checkpointing, or a "
+            "compiled backward, would read the written value). For a step count, declare the "
+            "tensor ParamSpec(..., trainable=False, dtype=torch.int64, counter=True): the "
+            "pipeline adds 1 to it before each training forward"
+        )
     if full_key is not None:
         SNIPPETS.put(full_key, ep.graph_module)
     return ep.graph_module
+
+
+def written_inputs(graph: torch.fx.Graph) -> list[str]:
+    """The placeholders that an op of `graph` writes in place (its schema marks the argument
+    written: `add_`'s self, `copy_`'s destination, an `out=`), by name."""
+    placeholders = set(graph.find_nodes(op="placeholder"))
+    written = []
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for position, argument in enumerate(schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.args[position] if position < len(node.args) else None
+            value = node.kwargs.get(argument.name, value)
+            if isinstance(value, torch.fx.Node) and value in placeholders:
+                written.append(value.name)
+    return sorted(set(written))
 
 
 def _own_meta(meta: dict) -> dict:

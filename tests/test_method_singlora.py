@@ -5,6 +5,7 @@ The method-generic checks are tests/test_methods.py's and its siblings'."""
 import pytest
 import torch
 
+import peftc
 from passes.merge import merged_weights
 from rewrite.spec import SpecError
 from tests.oracle import TOL, one_conv2d, one_linear, perturbed
@@ -55,17 +56,16 @@ def test_training_forwards_count_and_eval_forwards_do_not():
     torch.testing.assert_close(one.out(), reference(one, 0.3, 2.0), atol=TOL, rtol=TOL)
 
 
-def test_training_graph_mutates_the_counter_and_keeps_u_for_the_backward():
-    """The counter is an in-place add on its placeholder, and u goes through peftc's own op, so
-    torch.compile's partitioner saves u instead of recomputing it from the incremented t."""
+def test_graphs_read_the_counter_and_the_training_graph_keeps_u_for_the_backward():
+    """No graph writes t (the pipeline advances it), and in training u goes through peftc's own
+    op, so torch.compile's partitioner saves u instead of recomputing it from t."""
     one = one_linear("singlora", rank=4)
-    graph = one.adapted.program(training=True).graph
-    counter = next(n for n in graph.nodes if n.op == "placeholder" and "singlora_t" in n.name)
-    assert [u.target for u in counter.users] == [torch.ops.aten.add_.Tensor]
-    ramp = [n for n in graph.nodes if n.target is torch.ops.peftc.singlora_ramp.default]
-    assert len(ramp) == 1 and ramp[0].args[0] is next(iter(counter.users))
-    eval_graph = one.adapted.program(training=False).graph
-    assert not any(n.target is torch.ops.aten.add_.Tensor for n in eval_graph.nodes)
+    for training in (True, False):
+        graph = one.adapted.program(training=training).graph
+        counter = next(n for n in graph.nodes if n.op == "placeholder" and "singlora_t" in n.name)
+        assert counter.users and all(not u.target._schema.is_mutable for u in counter.users)
+        ramp = [n for n in graph.nodes if n.target is torch.ops.peftc.singlora_ramp.default]
+        assert [n.args[0] for n in ramp] == ([counter] if training else [])
 
 
 def test_non_square_rule_and_merge_at_the_current_ramp():
@@ -102,3 +102,64 @@ def test_refusals():
         one_linear("singlora", ramp_up_steps=-1)
     with pytest.raises(SpecError, match="rank 20 is larger than the layer allows"):
         one_linear("singlora", rank=20)
+
+
+def _singlora_llama():
+    from tests.models import tiny_llama, token_inputs
+
+    spec = {"adapters": [{"method": "singlora", "targets": ["*.q_proj"], "rank": 2}]}
+    return peftc.compile(tiny_llama(layers=2), spec, token_inputs()), token_inputs()
+
+
+def _singlora_linear():
+    one = one_linear("singlora", rank=4, ramp_up_steps=10)
+    return one.adapted, {"input": one.x}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_activation_checkpointing_counts_each_step_once_with_the_unchecked_gradients(compiled):
+    """The recompute starts from the count the forward saw and does not count again (eagerly
+    it failed torch.utils.checkpoint's check that saved inputs are unchanged): per block (a
+    Llama) and the whole graph (one layer: no blocks), against the same three steps without
+    checkpointing (fp32, 1e-5)."""
+    for make in (_singlora_llama, _singlora_linear):
+        (plain, x), (checked, _) = make(), make()
+        with torch.no_grad():
+            for p, q in zip(plain.trainable_parameters(), checked.trainable_parameters()):
+                q.copy_(p)
+        plain.train()
+        checked.train().gradient_checkpointing_enable()
+        if compiled:
+            checked.compile_for_training()
+        for _ in range(3):
+            for model in (plain, checked):
+                out = model(**x) if "input_ids" in x else model(x["input"])
+                (out.logits if "input_ids" in x else out).square().mean().backward()
+        counts = [
+            {k: int(v) for k, v in m.named_adapter_parameters().items() if "singlora_t" in k}
+            for m in (plain, checked)
+        ]
+        assert counts[0] == counts[1] and set(counts[0].values()) == {3}
+        grads = [[p.grad for p in m.trainable_parameters()] for m in (plain, checked)]
+        assert all(g.abs().max() > 0 for g in grads[0])
+        for g, h in zip(*grads, strict=True):
+            torch.testing.assert_close(h, g, atol=TOL, rtol=TOL)
+
+
+def test_a_forward_that_writes_its_counter_is_refused_naming_the_counter_spec(monkeypatch):
+    """The contract: forwards only read their tensors. SingLoRA's first form (`t.add_(1)` in
+    the forward) now fails at compile, saying to declare the count `counter=True`."""
+    from passes.adapters.singlora import SingLoRA
+
+    own = SingLoRA.forward
+
+    def writes(self, x, base_out, W, p, ctx):
+        p["singlora_t"].add_(1)
+        return own(self, x, base_out, W, p, ctx)
+
+    monkeypatch.setattr(SingLoRA, "forward", writes)
+    # hyperparameters of its own, so no snippet traced by another test is reused
+    with pytest.raises(
+        ValueError, match=r"singlora at 0: its forward writes its input .*singlora_t.* counter=True"
+    ):
+        one_linear("singlora", rank=3, ramp_up_steps=7)

@@ -175,7 +175,8 @@ class Method(ABC):
     def forward(
         self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
     ) -> Tensor:
-        """The adapted output, as traceable torch code."""
+        """The adapted output, as traceable torch code that only reads `p` (a step count it
+        reads is a `ParamSpec(counter=True)`, advanced by the pipeline; a write is refused)."""
 
     def merged_weight(self, site: Site, W: Tensor, p: Params) -> Tensor | None:
         """The folded weight, so that the site's op with it equals `forward` (None: cannot)."""

@@ -178,7 +178,14 @@ class InsertAdapterRule:
 
         # the snippet's x and base_out are the weight too: a weight rewrite reads no activation
         snippet = trace_snippet(
-            fn, weight, weight, w_meta, None, meta, key=_snippet_key(method, site, False)
+            fn,
+            weight,
+            weight,
+            w_meta,
+            None,
+            meta,
+            key=_snippet_key(method, site, False),
+            owner=f"{method.name} at {site.path}",
         )
         # right before the weight's first reader, inside its layer, as every other snippet
         # sits beside its op (not among the graph's inputs)
@@ -226,7 +233,14 @@ class InsertAdapterRule:
             return site_forward(method, traced_site, x, base_out, W, b, p, training)
 
         snippet = trace_snippet(
-            fn, x, current, w_meta, b_meta, meta, key=_snippet_key(method, site, training)
+            fn,
+            x,
+            current,
+            w_meta,
+            b_meta,
+            meta,
+            key=_snippet_key(method, site, training),
+            owner=f"{method.name} at {site.path}",
         )
         inputs = [x, current, weight, bias, *param_nodes]
         tag = adapter_tag((site.path,), method.name)

@@ -8,17 +8,17 @@ turns the ramp off (u = 1).
 
 t is a frozen int64 tensor `singlora_t` (one per site) that counts TRAINING FORWARD PASSES, not
 optimizer steps: under gradient accumulation of k micro-batches it runs k times faster than
-the optimizer's step, so scale ramp_up_steps by k. The training forward increments it in
-place before using it (the first training step sees u = 1/ramp_up_steps, so A gets a
-gradient at once); eval forwards read it and never count. torch.export (2.13's training IR)
-keeps the in-place `add_` on the placeholder, so the eager graph mutates the state tensor,
-and torch.compile turns it into a mutated graph input that Inductor copies back, as for a
-buffer. In training, u comes from a small op of peftc's own (`peftc::singlora_ramp`), which
-the partitioner saves for the backward: recomputed from t there, it would read the already
-incremented t (u one step ahead). With activation_checkpointing the whole forward is
-recomputed from its inputs, so the backward there does use u(t + 1). t is saved with the
-checkpoint (save_frozen), so a resumed run continues the ramp. With t = 0 (at init) u = 0:
-the identity. Merged: W + s·u(t)·ΔW at the current t (merging mid-ramp bakes u in).
+the optimizer's step, so scale ramp_up_steps by k. It is a step counter (`ParamSpec.counter`):
+the pipeline adds 1 to it as each training forward begins, outside the graph, and the graph
+only reads it (the first training step sees u = 1/ramp_up_steps, so A gets a gradient at
+once); eval forwards read it and never count. A graph that wrote t (this method's first form,
+`t.add_(1)` in the forward) broke activation checkpointing: eagerly torch.utils.checkpoint
+refused the written saved input, and compiled, the recompute read the incremented t, so the
+backward used u one step ahead. In training, u comes from a small op of peftc's own
+(`peftc::singlora_ramp`), which torch.compile's partitioner saves for the backward rather than
+recomputing it from t, which the next forward may have advanced by then. t is saved with
+the checkpoint (save_frozen), so a resumed run continues the ramp. With t = 0 (at init)
+u = 0: the identity. Merged: W + s·u(t)·ΔW at the current t (merging mid-ramp bakes u in).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def ramp(t: Tensor, steps: int) -> Tensor:
 @torch.library.custom_op("peftc::singlora_ramp", mutates_args=())
 def ramp_op(t: Tensor, steps: int) -> Tensor:
     """`ramp` as an op of its own, which torch.compile's partitioner saves for the backward
-    rather than recomputing it from t (by then incremented)."""
+    rather than recomputing it from t (which a next forward may have advanced)."""
     return ramp(t, steps)
 
 
@@ -68,7 +68,7 @@ class SingLoRA(LowRank):
     def params(self, site: Site) -> dict[str, ParamSpec]:
         return {
             "singlora_A": ParamSpec((max(site.in_features, site.out_features), self.rank)),
-            "singlora_t": ParamSpec((), trainable=False, dtype=torch.int64),
+            "singlora_t": ParamSpec((), trainable=False, dtype=torch.int64, counter=True),
         }
 
     def init(self, site: Site, W: Tensor, calib: object, generator: torch.Generator) -> Params:
@@ -79,9 +79,7 @@ class SingLoRA(LowRank):
     def forward(
         self, x: Tensor, base_out: Tensor, W: Tensor, p: Params, ctx: SiteContext
     ) -> Tensor:
-        A, t, site = p["singlora_A"], p["singlora_t"], ctx.site
-        if ctx.training:
-            t = t.add_(1)  # one more training forward pass (mutates the state tensor)
+        A, t, site = p["singlora_A"], p["singlora_t"], ctx.site  # t counts this forward
         h = F.dropout(x, self.dropout, ctx.training) if self.dropout > 0 else x
         u = (ramp_op if ctx.training else ramp)(t, self.ramp_up_steps)
         scale = (u * self.scaling).to(x.dtype)
