@@ -216,9 +216,12 @@ def fully_shard(
         tops[training], made = split_blocks(
             program, pipeline.model, pipeline.adapters, made, quantized
         )
-    # a quantized base's weights are one-value shape holders: nothing to shard
+    # a quantized base's weights are one-value shape holders: nothing to shard; and FSDP2
+    # cannot shard a 0-d tensor (SingLoRA's step counter): each rank keeps those whole, and
+    # every rank advances its counters alike
     params = dict(pipeline.model.named_parameters(remove_duplicate=False))
     holders = {params[name] for name in pipeline.quantized_weights}
+    holders |= {p for p in pipeline.adapters.parameters() if p.dim() == 0}
     for block in made.values():
         block.runners["train"] = wrap_piece(
             block.pieces["train"], compile, activation_checkpointing

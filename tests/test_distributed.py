@@ -22,6 +22,10 @@ import peftc
 from tests.models import tiny_llama, token_inputs
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj"], "rank": 4}]}
+# a step counter (a 0-d tensor, which FSDP2 cannot shard) that the ramp reads at every step
+SINGLORA = {
+    "adapters": [{"method": "singlora", "targets": ["q_proj"], "rank": 4, "ramp_up_steps": 3}]
+}
 WORLD, STEPS, TOL, BF16_TOL = 2, 5, 1e-5, 3e-2
 EVAL = token_inputs(3, 11, seed=8)
 
@@ -43,8 +47,12 @@ def train(model, params, inputs: dict) -> list[float]:
     return losses
 
 
-def adapted(layers: int = 2, **options) -> torch.nn.Module:
-    return peftc.compile(tiny_llama(layers=layers), SPEC, token_inputs(), **options).train()
+def adapted(layers: int = 2, spec: dict = SPEC, **options) -> torch.nn.Module:
+    return peftc.compile(tiny_llama(layers=layers), spec, token_inputs(), **options).train()
+
+
+def counters(model: torch.nn.Module) -> list[int]:
+    return [int(t) for n, t in model.named_adapter_parameters().items() if "singlora_t" in n]
 
 
 def _rank(rank: int, init: str, out: str) -> None:
@@ -103,6 +111,10 @@ def _rank(rank: int, init: str, out: str) -> None:
         results["codes_numel"] = [sum(c.to_local().numel() for c in codes.values())]
         results["qlora"] = train(qlora, qlora.trainable_parameters(), half)
         results["codes_after"] = {n: c.full_tensor() for n, c in codes.items()}
+
+        singlora = peftc.distributed.fully_shard(adapted(1, SINGLORA))
+        results["singlora"] = train(singlora, singlora.trainable_parameters(), half)
+        results["singlora_t"] = counters(singlora.adapted)
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -120,12 +132,14 @@ def single():
     """The single-process runs on the whole batch (2 and 1 layers), and the trained 2-layer
     model."""
     model, one, qlora = adapted(), adapted(1), adapted(1, quantize="nf4")
+    singlora = adapted(1, SINGLORA)
     codes = {n: c.clone() for n, c in qlora.quantized.named_buffers() if n.endswith(".codes")}
     return {
         "2": train(model, model.trainable_parameters(), batch()),
         "1": train(one, one.trainable_parameters(), batch()),
         "qlora": train(qlora, qlora.trainable_parameters(), batch()),
         "codes": codes,
+        "singlora": train(singlora, singlora.trainable_parameters(), batch()),
         "model": model.eval(),
     }
 
@@ -218,3 +232,13 @@ def test_a_quantized_base_shards_its_codes_and_keeps_them(ranks, single):
         assert after.keys() == single["codes"].keys()
         for name, codes in single["codes"].items():
             assert torch.equal(after[name], codes)
+
+
+def test_a_step_counter_stays_whole_on_each_rank_and_counts_every_step(ranks, single):
+    """SingLoRA under FSDP2: its 0-d step counters (which FSDP2 refuses to shard) stay whole
+    on every rank and count each step, and the steps, the ramp included, are the single
+    process's on the whole batch."""
+    got = _mean_over_ranks(ranks[1], "singlora")
+    torch.testing.assert_close(got, torch.tensor(single["singlora"]), rtol=TOL, atol=0)
+    for r in ranks[1]:
+        assert r["singlora_t"] == [STEPS]
