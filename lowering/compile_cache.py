@@ -56,10 +56,16 @@ def cache_key_tag() -> str:
 
 def salted(compiled: Callable[..., Any]) -> Callable[..., Any]:
     """`compiled` called under cache_key_tag(), so that what it compiles is keyed on it."""
+    config = torch.compiler.config
 
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with torch.compiler.config.patch(cache_key_tag=cache_key_tag()):
+        # set and restored by hand: config.patch() costs 20 us a call, this 3
+        before = config.cache_key_tag
+        config.cache_key_tag = cache_key_tag()
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            config.cache_key_tag = before
 
     return call
