@@ -51,6 +51,22 @@ def adapted(layers: int = 2, spec: dict = SPEC, **options) -> torch.nn.Module:
     return peftc.compile(tiny_llama(layers=layers), spec, token_inputs(), **options).train()
 
 
+def sliced_and_experts() -> dict[str, torch.nn.Module]:
+    """LoRA on the q and v rows of Phi-3's packed qkv_proj, and on Mixtral's 3-D expert
+    weights: sites that are not whole linear layers."""
+    from tests.architectures import mixtral
+    from tests.models import tiny_phi3
+
+    def lora(targets: list[str]) -> dict:
+        return {"adapters": [{"method": "lora", "targets": targets, "rank": 4}]}
+
+    experts = ["experts.gate_up_proj", "experts.down_proj", "q_proj"]
+    return {
+        "phi3": peftc.compile(tiny_phi3(layers=1), lora(["*.qkv_proj[q]", "*.qkv_proj[v]"]), token_inputs()),
+        "mixtral": peftc.compile(mixtral()[0], lora(experts), token_inputs()),
+    }  # fmt: skip
+
+
 def counters(model: torch.nn.Module) -> list[int]:
     return [int(t) for n, t in model.named_adapter_parameters().items() if "singlora_t" in n]
 
@@ -115,6 +131,9 @@ def _rank(rank: int, init: str, out: str) -> None:
         singlora = peftc.distributed.fully_shard(adapted(1, SINGLORA))
         results["singlora"] = train(singlora, singlora.trainable_parameters(), half)
         results["singlora_t"] = counters(singlora.adapted)
+        for name, model in sliced_and_experts().items():
+            model = peftc.distributed.fully_shard(model.train())
+            results[name] = train(model, model.trainable_parameters(), half)
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -140,6 +159,10 @@ def single():
         "qlora": train(qlora, qlora.trainable_parameters(), batch()),
         "codes": codes,
         "singlora": train(singlora, singlora.trainable_parameters(), batch()),
+        **{
+            name: train(m.train(), m.trainable_parameters(), batch())
+            for name, m in sliced_and_experts().items()
+        },
         "model": model.eval(),
     }
 
@@ -242,3 +265,12 @@ def test_a_step_counter_stays_whole_on_each_rank_and_counts_every_step(ranks, si
     torch.testing.assert_close(got, torch.tensor(single["singlora"]), rtol=TOL, atol=0)
     for r in ranks[1]:
         assert r["singlora_t"] == [STEPS]
+
+
+@pytest.mark.parametrize("variant", ["phi3", "mixtral"])
+def test_slices_and_expert_weights_shard_and_step_like_one_process(ranks, single, variant):
+    """FSDP2 over adapters on rows of a packed projection (Phi-3's qkv_proj) and on expert
+    weights (Mixtral's 3-D gate_up_proj and down_proj): the single process's steps."""
+    expected = torch.tensor(single[variant])
+    assert expected[-1] < expected[0]  # it trains
+    torch.testing.assert_close(_mean_over_ranks(ranks[1], variant), expected, rtol=TOL, atol=0)
