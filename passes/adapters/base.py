@@ -27,7 +27,8 @@ class ParamSpec:
     shared: bool = False  # stored once under adapters.shared.<name>
     dtype: torch.dtype | None = None  # None: the site's dtype (set it for index tensors)
     # a step count (an integer tensor that does not train): the pipeline adds 1 to it before
-    # each training forward, outside the graph, which only reads it (Pipeline.run)
+    # each training forward, outside the graph, which only reads it
+    # (Pipeline.advance_step_counters)
     counter: bool = False
 
 
