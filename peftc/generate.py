@@ -70,8 +70,14 @@ def _hook(a: Any, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor
 
     def add_adapter(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         W = whole_weight(site, state[site.weight])
-        bias = getattr(module, "bias", None) if site.has_bias else None
-        return site_forward(method, site, args[0], output, W, bias, params, False)
+        bias = getattr(module, "bias", None)
+        if site.has_bias or not isinstance(bias, torch.Tensor) or site.op != "linear":
+            bias = bias if site.has_bias else None
+            return site_forward(method, site, args[0], output, W, bias, params, False)
+        # a Linear subclass whose own forward adds its bias after the product
+        # (`x @ W.T + b`): the traced site is the product alone, so the method (DoRA scales
+        # its input) sees the output less the bias, as in the graph and in PEFT
+        return site_forward(method, site, args[0], output - bias, W, None, params, False) + bias
 
     return add_adapter
 

@@ -12,9 +12,32 @@ import peftc
 from passes.merge import merged_weights
 from tests.models import perturb, tiny_gpt2, tiny_llama, token_inputs
 
+
+class BiasAfterLinear(torch.nn.Linear):
+    """A Linear subclass with a forward of its own that adds the bias after the product: the
+    traced site is the product alone, and DoRA must not scale the bias."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def llama_own_forward() -> torch.nn.Module:
+    model = tiny_llama()
+    for layer in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            old = getattr(layer.self_attn, name)
+            new = BiasAfterLinear(old.in_features, old.out_features)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            setattr(layer.self_attn, name, new)
+    return model
+
+
 SPECS = {
     "llama-lora": (tiny_llama, "lora", ["q_proj", "v_proj", "down_proj", "embed_tokens"]),
     "llama-dora": (tiny_llama, "dora", ["q_proj", "v_proj", "down_proj"]),
+    "llama-dora-own-forward": (llama_own_forward, "dora", ["q_proj", "v_proj"]),
     "gpt2-lora": (tiny_gpt2, "lora", ["c_attn", "c_fc"]),
 }
 GEN = {"max_new_tokens": 8, "pad_token_id": 0}
