@@ -53,6 +53,17 @@ class AdaptedModel(torch.nn.Module):
         self._gradient_check = GradientCheck(pipeline)
         self.train(pipeline.model.training)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle and copy.deepcopy come here; the traces hold fake tensors and the compiled
+        # steps are code, so neither could copy them, and a rebuilt copy would re-run the
+        # adapter inits that edit the base (PiSSA's residual)
+        raise TypeError(
+            f"a peftc adapted model ({type(self).__name__}) cannot be pickled or deep-copied "
+            "as a whole: it holds traced graphs and compiled code. Save its adapters with "
+            "adapted.save_adapter(directory) and rebuild with peftc.from_peft(model, "
+            "directory, example_inputs), or copy adapted.state_dict() (torch.save takes it)"
+        )
+
     # -- what the pipeline owns, read through --------------------------------------------
 
     @property

@@ -1,12 +1,16 @@
 """The compile pipeline shares its work: each mode is traced once (the eval trace that placement
 and calibration read becomes the eval graph), the spec and its placement section are parsed
-once, and the fp16 export casts a copy of the weights instead of deep-copying the model."""
+once, and the fp16 export casts a copy of the weights instead of deep-copying the model. The
+adapted model refuses to be copied or pickled whole, naming what to save instead."""
 
 from __future__ import annotations
 
+import copy
+import io
 import sys
 from typing import Any
 
+import pytest
 import torch
 
 import cost_model.placement_spec
@@ -93,6 +97,21 @@ def test_adapted_model_is_a_thin_module_over_its_pipeline():
     assert {n for n in names if n.startswith("adapters.")} == {
         n for n in pipeline.adapter_parameters()
     }
+
+
+def test_copying_or_pickling_the_whole_model_names_what_to_save_instead():
+    adapted = peftc.compile(
+        tiny_llama(layers=1),
+        {"adapters": [{"method": "lora", "targets": ["q_proj"]}]},
+        token_inputs(),
+    )
+    for copy_it in (copy.deepcopy, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"save_adapter\(directory\).*state_dict"):
+            copy_it(adapted)
+    buffer = io.BytesIO()
+    torch.save(adapted.state_dict(), buffer)  # what the message offers works
+    buffer.seek(0)
+    assert torch.load(buffer).keys() == adapted.state_dict().keys()
 
 
 def test_fp16_merge_leaves_the_base_model_as_it_was():
