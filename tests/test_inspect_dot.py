@@ -12,7 +12,13 @@ import torch
 import peftc
 from peftc.inspect.dot import COLOURS, cluster_members, colour_role, to_dot
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
-from peftc.inspect.render import GraphvizNotFound, inline_svg, render, render_svg
+from peftc.inspect.render import (
+    GraphvizNotFound,
+    GraphvizTimeout,
+    inline_svg,
+    render,
+    render_svg,
+)
 from tests.models import tiny_llama, token_inputs
 from tests.pictures import (
     ENGINES,
@@ -236,6 +242,15 @@ def test_render_png_and_raw_svg_with_graphviz(adapted):
 def test_render_rejects_unknown_formats():
     with pytest.raises(ValueError, match="cannot render to 'gif'; choose one of svg, png"):
         render("digraph { a -> b }", "gif")
+
+
+def test_a_dot_that_runs_too_long_is_stopped_with_a_clear_error(monkeypatch, tmp_path):
+    slow = tmp_path / "dot"  # a stand-in for dot on a graph too large to lay out in time
+    slow.write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(GraphvizTimeout, match=r"\(1 edges\) within 0.5 s .* `--around GLOB`"):
+        render("digraph { a -> b }", "png", timeout=0.5)
 
 
 def test_missing_graphviz_says_how_to_install_and_svg_still_works(adapted, monkeypatch, tmp_path):

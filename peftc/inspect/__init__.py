@@ -14,7 +14,7 @@ from peftc.inspect.dot import COLOURS, to_dot
 from peftc.inspect.explain import Explanation, explain, format_explanation
 from peftc.inspect.graph import neighbourhood, program_graph, site_nodes
 from peftc.inspect.passes_trace import format_trace, trace_json
-from peftc.inspect.render import GraphvizNotFound, render, render_svg
+from peftc.inspect.render import GraphvizNotFound, GraphvizTimeout, render, render_svg
 from peftc.inspect.report import html_report, write_report
 from peftc.inspect.table import filter_rows, format_table, site_rows, sort_rows
 
@@ -22,6 +22,7 @@ __all__ = [
     "COLOURS",
     "Explanation",
     "GraphvizNotFound",
+    "GraphvizTimeout",
     "explain",
     "filter_rows",
     "format_explanation",

@@ -26,6 +26,10 @@ class GraphvizNotFound(RuntimeError):
     """`dot` is not on PATH; the message says how to install it."""
 
 
+class GraphvizTimeout(RuntimeError):
+    """`dot` ran past its time limit (large graphs); the message says how to draw less."""
+
+
 def dot_program() -> str | None:
     """The path of Graphviz's `dot`, or None."""
     return shutil.which("dot")
@@ -38,9 +42,17 @@ def render(dot_text: str, fmt: str = "svg", timeout: float = 300.0) -> bytes:
     program = dot_program()
     if program is None:
         raise GraphvizNotFound(INSTALL_HINT)
-    done = subprocess.run(
-        [program, f"-T{fmt}"], input=dot_text.encode(), capture_output=True, timeout=timeout
-    )
+    try:
+        done = subprocess.run(
+            [program, f"-T{fmt}"], input=dot_text.encode(), capture_output=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:  # run() has killed dot by now
+        raise GraphvizTimeout(
+            f"Graphviz's `dot` did not lay out the graph ({dot_text.count('->')} edges) within "
+            f"{timeout:g} s and was stopped. Draw part of it with `--around GLOB` (the "
+            "neighbourhood of the matching sites), write the DOT text with `--dot graph.dot` to "
+            "lay it out yourself, or call render() with a larger timeout."
+        ) from None
     if done.returncode != 0:
         raise RuntimeError(f"graphviz dot failed: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout
