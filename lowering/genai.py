@@ -313,6 +313,11 @@ def _zero_defaults(model, names: Sequence[str]) -> None:
 # -- the package ---------------------------------------------------------------------------
 
 
+# Decoders onnxruntime-genai has no type for, written as the family it has: the type picks
+# genai's decoder-only model class, which runs the graph by its input and output names.
+GENAI_TYPE = {"mixtral": "mistral"}
+
+
 def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool) -> dict:
     """onnxruntime-genai's genai_config.json for the package (the model builder's layout;
     onnxruntime-genai refuses keys it does not know, so nothing of peftc's goes in)."""
@@ -327,6 +332,7 @@ def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool
 
     eos = token("eos_token_id", 0)
     model_type = getattr(config, "model_type", "llama")
+    model_type = GENAI_TYPE.get(model_type, model_type)
     return {
         "model": {
             "bos_token_id": token("bos_token_id", 0),
@@ -452,6 +458,7 @@ def export_genai(
     try:
         with (
             _eval_mode(model),
+            _exportable_experts(model),
             _weights(pipelines[0], mode, torch_dtype),
             _hooked(decoder, stacked, mode),
         ):
@@ -589,6 +596,27 @@ def _reference(pipeline: Pipeline, mode: str, dtype: torch.dtype, prompts, n) ->
     """transformers' greedy tokens on the weights `mode` exports: merged, or the base's."""
     with _eval_mode(pipeline.model), _weights(pipeline, mode, dtype):
         return hf_tokens(pipeline.model, prompts, n)
+
+
+@contextlib.contextmanager
+def _exportable_experts(model: torch.nn.Module) -> Iterator[None]:
+    """transformers 5 runs a mixture of experts through a grouped matmul (or a loop over the
+    experts that were hit), neither of which torch.onnx exports; its `batched_mm`
+    implementation, each token's experts gathered and one batched matmul, is the same product
+    in ops it does. The decode graph is exported with that one, the model restored after."""
+    configs = {
+        id(m.config): m.config
+        for m in model.modules()
+        if getattr(getattr(m, "config", None), "_experts_implementation", None) is not None
+    }
+    was = {key: config._experts_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = was[key]
 
 
 @contextlib.contextmanager

@@ -227,6 +227,28 @@ def test_slices_of_phi3s_packed_qkv_decode_per_row_in_the_kv_cache_graph(tmp_pat
     assert len(rows) == 2 and rows[0] != rows[1]
 
 
+def test_a_mixture_of_experts_decoder_packages_merged_with_peft_tokens(tmp_path):
+    """Mixtral, LoRA on q_proj and on both expert weights: the decode graph runs the experts
+    as a gather and a batched matmul (torch.onnx has no translation for transformers' grouped
+    matmul), and genai, which has no mixtral type, runs it as the mistral it is built on."""
+    from tests.architectures import mixtral
+
+    base, _ = mixtral()
+    targets = ["q_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    spec = {"adapters": [{"method": "lora", "targets": targets, "rank": 4}]}
+    adapted = peftc.compile(base, spec, token_inputs())
+    perturb(adapted.trainable_parameters(), std=0.5, seed=1)
+    assert any(a.site.experts for a in adapted.plan.assignments)
+    adapted.eval().export_genai(str(tmp_path / "pkg"))
+
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    assert config["model"]["type"] == "mistral"
+    got = genai_tokens(tmp_path / "pkg", [PROMPT], NEW)[0]
+    assert got != hf_tokens(base, [PROMPT], NEW)[0]  # the adapters change the tokens
+    assert got == peft_tokens(base, adapted, tmp_path)
+    assert base.config._experts_implementation != "batched_mm"  # the model is given back
+
+
 def test_the_reference_tokens_stop_before_the_end_token_as_genai_does():
     """transformers keeps the end token it generated (and pads finished rows after it);
     onnxruntime-genai's sequences stop before it, so the reference drops it."""
