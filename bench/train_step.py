@@ -24,6 +24,8 @@ medians. Contenders:
   m  l with fused_loss=True (the default): head + cross-entropy as one chunked op
   n  d compiled for the traced shape only (dynamic=False; today's default is dynamic batch
      and sequence)
+  o  d with frozen_casts=False: under --bf16, the frozen weights cast at every step, as
+     autocast does, instead of once (d keeps the casts between steps)
 `--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
 matmuls run in bf16: the CPU's AVX512-BF16, a GPU's tensor cores). The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
 k, l and m compare against each other and b (x/m in the ratios).
@@ -75,6 +77,7 @@ NAMES = {
     "l": "peftc, labels, fused_loss=False",
     "m": "peftc, labels, fused_loss=True",
     "n": "d, static shapes",
+    "o": "d, frozen weights cast each step",
 }
 # The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
 METHOD = {
@@ -88,6 +91,7 @@ METHOD = {
     "l": "lora",
     "m": "lora",
     "n": "lora",
+    "o": "lora",
 }
 LABELS = {"k", "l", "m"}  # the model computes its loss from `labels`
 NO_ALPHA = {"mora"}
@@ -133,7 +137,7 @@ def make_contender(key, base, args, x):
         model = peftc.compile(
             copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
         ).train()
-        model.compile_for_training(mode=args.mode, dynamic=key != "n")
+        model.compile_for_training(mode=args.mode, dynamic=key != "n", frozen_casts=key != "o")
         params = model.trainable_parameters()
         run = model
     else:
@@ -329,6 +333,7 @@ def measure(args) -> dict:
         ("i", "d"): "i/d MoRA step / LoRA step",
         ("j", "d"): "j/d LoRMA step / LoRA step",
         ("d", "n"): "d/n dynamic shapes / static",
+        ("o", "d"): "o/d frozen casts kept between steps",
         ("a", "m"): "a/m speed-up over PEFT eager",
         ("b", "m"): "b/m speed-up over PEFT compiled",
         ("k", "m"): "k/m speed-up over PEFT compiled+labels",

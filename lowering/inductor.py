@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lowering.compile_cache import salted
+from lowering.frozen_casts import FrozenCasts, castable_slots
 from passes.fused_loss import compiled_step
 from passes.pipeline import Pipeline
 from rewrite.dequant import inline_dequantize
@@ -44,13 +45,15 @@ def compile_program(
     dynamic: bool = True,
     activation_checkpointing: bool = False,
     graph: Callable[..., Any] | None = None,
+    frozen_casts: bool = True,
 ) -> Callable[..., Any]:
     """`torch.compile(graph_module, backend="inductor", fullgraph=True)`, dynamic shapes.
 
     With `activation_checkpointing` the forward keeps only the graph's inputs and is
     recomputed in the backward (dropout masks replayed from the saved RNG state). `graph`
     is compiled in place of the graph module, over the same arguments (the per-block pieces
-    of lowering/checkpointing.py)."""
+    of lowering/checkpointing.py). Under autocast, with `frozen_casts`, the frozen matmul
+    weights enter as cast copies kept between steps (lowering/frozen_casts.py)."""
     if graph is not None:
         graph_module = graph
     else:  # a quantized base: its dequantize ops inlined as ATen, recomputed in the backward
@@ -62,10 +65,12 @@ def compile_program(
             return torch.utils.checkpoint.checkpoint(graph_module, *args, use_reentrant=False)
 
     user_inputs = [i for i, slot in enumerate(program.slots) if slot.kind == USER_INPUT]
-    variants: dict[tuple[bool, ...], Callable[..., Any]] = {}
+    variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
+    frozen = FrozenCasts(castable_slots(program) if frozen_casts else [])
 
     def run(*args: Any) -> Any:
-        key = grad_pattern(args, user_inputs)
+        args, cast_to = frozen.apply(args)
+        key = (cast_to, *grad_pattern(args, user_inputs))
         compiled = variants.get(key)
         if compiled is None:
             compiled = variants[key] = salted(
@@ -112,6 +117,7 @@ def compile_pipeline(
     mode: str | None = None,
     dynamic: bool = True,
     activation_checkpointing: bool = False,
+    frozen_casts: bool = True,
 ) -> Callable[..., Any]:
     """Compile a pipeline's training graph and make it the one training-mode calls run
     (`Pipeline.runners`); returns the compiled callable. With `activation_checkpointing`
@@ -126,7 +132,8 @@ def compile_pipeline(
         else None
     )
     whole = activation_checkpointing and blocks is None
-    runner = compile_program(pipeline.program(training=True), mode, dynamic, whole, blocks)
+    program = pipeline.program(training=True)
+    runner = compile_program(program, mode, dynamic, whole, blocks, frozen_casts)
     pipeline.runners[True] = runner
     return runner
 

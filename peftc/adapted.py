@@ -143,17 +143,22 @@ class AdaptedModel(torch.nn.Module):
         mode: str | None = None,
         dynamic: bool = True,
         activation_checkpointing: bool = False,
+        frozen_casts: bool = True,
     ) -> AdaptedModel:
         """Compile the training graph with Inductor (Triton on GPU, C++ on CPU), fullgraph,
         dynamic batch and sequence. Returns self; training-mode calls then run compiled.
         `activation_checkpointing` recomputes each block in the backward, keeping its matmul
-        outputs (see `activation_checkpointing_enable`)."""
+        outputs (see `activation_checkpointing_enable`). Under `torch.autocast`, with
+        `frozen_casts`, the frozen base weights that only feed matmuls are cast to autocast's
+        dtype once and kept between steps (cast again when they change in place; not through
+        `.data`), instead of at every step: the same numbers, for half their fp32 size in
+        memory (lowering/frozen_casts.py)."""
         from lowering.inductor import compile_pipeline
 
         activation_checkpointing = activation_checkpointing or self.pipeline.checkpointing
         self.pipeline.checkpointing = activation_checkpointing
-        compile_pipeline(self.pipeline, mode, dynamic, activation_checkpointing)
-        self._compile_options = {"mode": mode, "dynamic": dynamic}
+        compile_pipeline(self.pipeline, mode, dynamic, activation_checkpointing, frozen_casts)
+        self._compile_options = {"mode": mode, "dynamic": dynamic, "frozen_casts": frozen_casts}
         return self
 
     # transformers' activation (gradient) checkpointing flags, as Trainer sets them
@@ -202,7 +207,7 @@ class AdaptedModel(torch.nn.Module):
             from lowering.inductor import compile_pipeline
 
             opts = self._compile_options
-            compile_pipeline(self.pipeline, opts["mode"], opts["dynamic"], on)
+            compile_pipeline(self.pipeline, opts["mode"], opts["dynamic"], on, opts["frozen_casts"])
             return
         # eager: the per-block pieces run the training graph (None: recomputed whole, by run)
         from lowering.checkpointing import per_block

@@ -208,3 +208,41 @@ def test_block_input_requires_grad_changing_does_not_recompile():
                 torch.testing.assert_close(got_input, want_input, atol=1e-4, rtol=1e-4)
             else:
                 assert got_input is None and not hidden.requires_grad
+
+
+def test_frozen_weights_cast_once_under_autocast_and_again_when_changed(pair):
+    from lowering.frozen_casts import FrozenCasts, castable_slots
+
+    base, eager, compiled, _, _ = pair
+    program = compiled.pipeline.program(training=True)
+    names = {program.slots[i].target for i in castable_slots(program)}
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert not {"model.embed_tokens.weight", "model.norm.weight"} & names  # read by non-matmuls
+
+    state = compiled.pipeline.state()
+    i = next(i for i, s in enumerate(program.slots) if s.target.endswith("q_proj.weight"))
+    args = tuple(state[s.target] if s.target in state else None for s in program.slots)
+    casts = FrozenCasts([i])
+    assert casts.apply(args) == (args, None)  # no autocast: the fp32 weight itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, dtype = casts.apply(args)
+        assert dtype == torch.bfloat16 and first[i].dtype == torch.bfloat16
+        assert casts.apply(args)[0][i] is first[i]  # kept between steps
+        with torch.no_grad():
+            args[i].mul_(1.5)  # an in-place change bumps the version: cast again
+        assert torch.equal(casts.apply(args)[0][i], args[i].to(torch.bfloat16))
+        with torch.no_grad():
+            args[i].div_(1.5)
+
+    # the compiled step on the kept copies equals the eager graph under autocast, also after
+    # a frozen weight changed in place between steps
+    x = token_inputs(2, 16)
+    weights = [m.pipeline.state()["model.layers.0.mlp.down_proj.weight"] for m in (compiled, eager)]
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = loss_of(compiled, x), loss_of(eager, x)
+        assert not torch.equal(got.detach(), loss_of(base, x).detach())
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)  # bf16 matmuls both
+        with torch.no_grad():
+            for w in weights:
+                w.mul_(3.0 if step == 0 else 1 / 3.0)
