@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 
+import passes.fused_loss  # noqa: F401  (registers peftc::linear_cross_entropy)
 from rewrite.program import PARAMETER, Program
 
 aten = torch.ops.aten
@@ -46,6 +47,7 @@ _LOW_PRECISION = {
     aten.conv2d.default,
     aten.conv3d.default,
     aten.convolution.default,
+    torch.ops.peftc.linear_cross_entropy.default,  # its autocast kernel casts h and W
 }
 _VIEWS = {
     aten.t.default,
@@ -60,22 +62,13 @@ _VIEWS = {
 }
 
 
-def _low_precision_ops() -> set[Any]:
-    ops = set(_LOW_PRECISION)
-    fused = getattr(torch.ops.peftc, "linear_cross_entropy", None)  # registered with autocast
-    if fused is not None:
-        ops.add(fused.default)
-    return ops
-
-
 def castable_slots(program: Program) -> list[int]:
     """Positions of the parameter slots whose every use is autocast's to cast (see above)."""
-    ops = _low_precision_ops()
 
     def only_matmuls(node: torch.fx.Node) -> bool:
         users = list(node.users)
         return bool(users) and all(
-            u.target in ops or (u.target in _VIEWS and only_matmuls(u)) for u in users
+            u.target in _LOW_PRECISION or (u.target in _VIEWS and only_matmuls(u)) for u in users
         )
 
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
