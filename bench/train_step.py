@@ -26,6 +26,8 @@ medians. Contenders:
      and sequence)
   o  d with frozen_casts=False: under --bf16, the frozen weights cast at every step, as
      autocast does, instead of once (d keeps the casts between steps)
+`--attn eager` builds the model with transformers' eager attention (matmuls and a softmax)
+instead of its default sdpa, for every contender (see bench/attention_cpu.py).
 `--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
 matmuls run in bf16: the CPU's AVX512-BF16, a GPU's tensor cores). The method contenders h, i, j are fused like d, and compare against it (x/d in the ratios);
 k, l and m compare against each other and b (x/m in the ratios).
@@ -101,6 +103,7 @@ def build_base(args):
     model = llama(
         args.hidden, args.layers, args.heads, args.intermediate, args.seq, vocab=args.vocab
     )
+    model.set_attn_implementation(args.attn)
     return model.to(args.device)
 
 
@@ -188,6 +191,7 @@ def measure_memory_child(args, key):
         cmd += ["--mode", args.mode]
     if args.bf16:
         cmd += ["--bf16"]
+    cmd += ["--attn", args.attn]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -257,6 +261,13 @@ def main(argv=None) -> int:
         f"with --memory, into one JSON (default {SUITE_JSON.relative_to(ROOT)})",
     )
     p.add_argument("--bf16", action="store_true", help="every step under bf16 autocast")
+    p.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=("sdpa", "eager"),
+        help="transformers' attention for every contender: sdpa (its default, "
+        "scaled_dot_product_attention) or eager (matmuls and a softmax)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -317,7 +328,8 @@ def measure(args) -> dict:
     print(
         f"\ntrain step, {args.device}, Llama hidden {args.hidden} x {args.layers} layers, "
         f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank}, "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.rounds}"
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.attn} attention, "
+        f"median of {args.rounds}"
     )
     print(f"{'':3}{'contender':34}{'ms/step':>10}{mem_kind:>20}")
     for k in keys:
