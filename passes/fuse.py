@@ -5,8 +5,11 @@
   tensors stay separate parameters (the cat is in the graph, Inductor folds it), so
   checkpoint keys do not change. Inputs behind dropout differ per site, so masks are never
   shared: such adapters simply do not group.
-- `fold_scale`: `base + (h @ Bᵀ) · s` becomes `add(base, h @ Bᵀ, alpha=s)`, the scale moving
-  into the epilogue of the B matmul.
+- `fold_scale`: `base + (h @ Bᵀ) · s` becomes `base + h @ (s·B)ᵀ` when B widens (a low-rank
+  adapter's up-projection, [out, r] with r < out), else `add(base, h @ Bᵀ, alpha=s)`. Scaling the
+  small weight, not the [tokens, out] output, leaves the output's gradient unscaled: the backward
+  feeds the same tensor to the base's input-gradient matmul and to the adapter's, where a scaled
+  copy made Inductor recompute the producer's pointwise work (RoPE's backward, SiLU's) for each.
 - `drop_identity_dropout`: dropout with p = 0, or in eval mode, is removed.
 """
 
@@ -134,6 +137,40 @@ class FoldScaleRule:
         node.graph.erase_node(mul)
 
 
+class ScaleWideningWeightRule(FoldScaleRule):
+    """Pattern: as FoldScaleRule, where the matmul is a bias-free linear, read only by the scale,
+    whose [out, in] weight widens (in < out: a low-rank adapter's B). Rewrite: base + linear(h,
+    mul(B, s)), scaling the weight, which has fewer values than the [tokens, out] output."""
+
+    name = "scale_widening_weight"
+
+    def matches(self, node: torch.fx.Node) -> bool:
+        if not super().matches(node):
+            return False
+        matmul = node.args[1].args[0]
+        if not isinstance(matmul, torch.fx.Node) or matmul.target != aten.linear.default:
+            return False
+        if len(matmul.users) != 1 or (len(matmul.args) > 2 and matmul.args[2] is not None):
+            return False
+        h = matmul.args[0]
+        width_in = h.meta.get("val") if isinstance(h, torch.fx.Node) else None
+        width_out = matmul.meta.get("val")
+        if width_in is None or width_out is None:
+            return False  # the snippet's traced shapes say whether the weight widens
+        return width_in.shape[-1] < width_out.shape[-1]
+
+    def rewrite(self, node: torch.fx.Node) -> None:
+        mul = node.args[1]
+        matmul, scale = mul.args
+        with node.graph.inserting_before(matmul):
+            scaled = node.graph.call_function(aten.mul.Tensor, (matmul.args[1], scale))
+        out, h = matmul.meta["val"], matmul.args[0].meta["val"]
+        scaled.meta = {KEY: dict(tag_of(matmul)), "val": out.new_empty(out.shape[-1], h.shape[-1])}
+        matmul.args = (matmul.args[0], scaled)
+        node.args = (node.args[0], matmul)
+        node.graph.erase_node(mul)
+
+
 class DropIdentityDropoutRule:
     """Pattern: an adapter's dropout. Rewrite: its input, when p = 0 or in eval mode."""
 
@@ -158,4 +195,6 @@ class DropIdentityDropoutRule:
 
 
 def fold_scale() -> RuleSet:
-    return RuleSet("fold_scale", [FoldScaleRule(), DropIdentityDropoutRule()])
+    return RuleSet(
+        "fold_scale", [ScaleWideningWeightRule(), FoldScaleRule(), DropIdentityDropoutRule()]
+    )

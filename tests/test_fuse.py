@@ -96,9 +96,13 @@ def test_pipeline_names_and_debug_diff_show_the_fusion(capsys):
     err = capsys.readouterr().err
     assert "[peftc] pass fuse_siblings" in err
     assert "torch.ops.aten.cat.default([" in err and "split_with_sizes" in err
-    assert "alpha = " in err  # the scale folded into the add
-    ops = [n.target for n in adapted.program().graph.nodes if n.meta.get("peftc")]
-    assert torch.ops.aten.mul.Tensor not in ops
+    assert "rule scale_widening_weight: 14 matches" in err  # the scale moved onto each B
+    muls = [
+        n
+        for n in adapted.program().graph.nodes
+        if n.meta.get("peftc") and n.target == torch.ops.aten.mul.Tensor
+    ]
+    assert len(muls) == 14 and all(m.args[0].op == "placeholder" for m in muls)
 
 
 def test_live_dropout_keeps_masks_separate(pair):

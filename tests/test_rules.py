@@ -48,13 +48,14 @@ def run(p: Program, *args: torch.Tensor) -> torch.Tensor:
     return p.graph_module(*args)
 
 
-def scaled_lora(scale) -> Program:
-    """base + linear(linear(x, A), B) * scale, tagged as an adapter."""
+def scaled_lora(scale, shapes: bool = False) -> Program:
+    """base + linear(linear(x, A), B) * scale, tagged as an adapter; with `shapes`, the two
+    matmuls carry their traced values (x [3, 5], rank 2), as an inserted snippet's do."""
     g = torch.fx.Graph()
     A, B, s, x = placeholders(g, "a", "b", "s", "x")
     base = g.call_function(aten.relu.default, (x,))
-    h = tagged(g.call_function(aten.linear.default, (x, A)))
-    up = tagged(g.call_function(aten.linear.default, (h, B)))
+    h = tagged(g.call_function(aten.linear.default, (x, A)), torch.empty(3, 2) if shapes else None)
+    up = tagged(g.call_function(aten.linear.default, (h, B)), torch.empty(3, 5) if shapes else None)
     mul = tagged(g.call_function(aten.mul.Tensor, (up, s if scale == "tensor" else scale)))
     g.output(tagged(g.call_function(aten.add.Tensor, (base, mul)), output=True))
     return program(g, ["a", "b", "s"])
@@ -79,6 +80,24 @@ def test_fold_scale_moves_a_constant_scale_into_the_add():
     assert [n.kwargs.get("alpha") for n in adds] == [0.5]
     assert not any(n.target == aten.mul.Tensor for n in p.graph.nodes)
     assert rules.stats["fold_scale_into_add"].matches == 1
+    torch.testing.assert_close(run(p, A, B, torch.tensor(0.5), x), expected)
+
+
+def test_fold_scale_scales_a_widening_weight_not_the_output():
+    # B is [5, 2]: scaling it touches 10 values, where scaling the output touches 3 x 5 and
+    # makes the backward a scaled copy of the output's gradient
+    p = scaled_lora(0.5, shapes=True)
+    A, B, x = tensors()
+    expected = run(p, A, B, torch.tensor(0.5), x)
+    rules = fold_scale()
+    PassManager([rules]).run(p)
+    (mul,) = [n for n in p.graph.nodes if n.target == aten.mul.Tensor]
+    assert mul.args == (next(n for n in p.graph.nodes if n.name == "b"), 0.5)
+    (add,) = [n for n in p.graph.nodes if n.target == aten.add.Tensor]
+    assert add.args[1].target == aten.linear.default and add.args[1].args[1] is mul
+    assert "alpha" not in add.kwargs
+    assert mul.meta["val"].shape == (5, 2) and mul.meta["peftc"]["method"] == "lora"
+    assert rules.stats["scale_widening_weight"].matches == 1
     torch.testing.assert_close(run(p, A, B, torch.tensor(0.5), x), expected)
 
 
