@@ -26,6 +26,8 @@ medians. Contenders:
      and sequence)
   o  d with frozen_casts=False: under --bf16, the frozen weights cast at every step, as
      autocast does, instead of once (d keeps the casts between steps)
+  p  d with the LoRA scale on the adapter's output, `add(base, h·Bᵀ, alpha=s)`, instead of on
+     the B weight (the fold_scale pass's scale_widening_weight rule turned off)
 `--attn eager` builds the model with transformers' eager attention (matmuls and a softmax)
 instead of its default sdpa, for every contender (see bench/attention_cpu.py).
 `--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
@@ -80,6 +82,7 @@ NAMES = {
     "m": "peftc, labels, fused_loss=True",
     "n": "d, static shapes",
     "o": "d, frozen weights cast each step",
+    "p": "d, LoRA scale on the output",
 }
 # The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
 METHOD = {
@@ -94,6 +97,7 @@ METHOD = {
     "m": "lora",
     "n": "lora",
     "o": "lora",
+    "p": "lora",
 }
 LABELS = {"k", "l", "m"}  # the model computes its loss from `labels`
 NO_ALPHA = {"mora"}
@@ -137,9 +141,10 @@ def make_contender(key, base, args, x):
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model, mode=args.mode) if key in ("b", "k") else model
     elif key in METHOD:
-        model = peftc.compile(
-            copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
-        ).train()
+        with scale_on_output() if key == "p" else contextlib.nullcontext():
+            model = peftc.compile(
+                copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
+            ).train()
         model.compile_for_training(mode=args.mode, dynamic=key != "n", frozen_casts=key != "o")
         params = model.trainable_parameters()
         run = model
@@ -168,6 +173,19 @@ def make_contender(key, base, args, x):
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+@contextlib.contextmanager
+def scale_on_output():
+    """fold_scale without its scale_widening_weight rule: the scale stays on the output."""
+    from passes.fuse import ScaleWideningWeightRule
+
+    matches = ScaleWideningWeightRule.matches
+    ScaleWideningWeightRule.matches = lambda self, node: False
+    try:
+        yield
+    finally:
+        ScaleWideningWeightRule.matches = matches
 
 
 def precision(args):
@@ -346,6 +364,7 @@ def measure(args) -> dict:
         ("j", "d"): "j/d LoRMA step / LoRA step",
         ("d", "n"): "d/n dynamic shapes / static",
         ("o", "d"): "o/d frozen casts kept between steps",
+        ("p", "d"): "p/d LoRA scale on B, not the output",
         ("a", "m"): "a/m speed-up over PEFT eager",
         ("b", "m"): "b/m speed-up over PEFT compiled",
         ("k", "m"): "k/m speed-up over PEFT compiled+labels",
