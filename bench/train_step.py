@@ -28,6 +28,8 @@ medians. Contenders:
      autocast does, instead of once (d keeps the casts between steps)
   p  d with the LoRA scale on the adapter's output, `add(base, h·Bᵀ, alpha=s)`, instead of on
      the B weight (the fold_scale pass's scale_widening_weight rule turned off)
+  q  f compiled with Inductor's own CPU realize threshold (50 ops) instead of peftc's 20
+     (lowering/inductor.py: a gradient read by several kernels is stored, not recomputed)
 `--attn eager` builds the model with transformers' eager attention (matmuls and a softmax)
 instead of its default sdpa, for every contender (see bench/attention_cpu.py).
 `--bf16` runs every step under `torch.autocast` in bf16 (weights and adapters stay fp32, the
@@ -83,6 +85,7 @@ NAMES = {
     "n": "d, static shapes",
     "o": "d, frozen weights cast each step",
     "p": "d, LoRA scale on the output",
+    "q": "f, Inductor's realize threshold",
 }
 # The peftc contenders' methods (alpha 2·r where the method has one, as LoRA's).
 METHOD = {
@@ -98,6 +101,7 @@ METHOD = {
     "n": "lora",
     "o": "lora",
     "p": "lora",
+    "q": "dora",
 }
 LABELS = {"k", "l", "m"}  # the model computes its loss from `labels`
 NO_ALPHA = {"mora"}
@@ -145,7 +149,8 @@ def make_contender(key, base, args, x):
             model = peftc.compile(
                 copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
             ).train()
-        model.compile_for_training(mode=args.mode, dynamic=key != "n", frozen_casts=key != "o")
+        with inductor_defaults() if key == "q" else contextlib.nullcontext():
+            model.compile_for_training(mode=args.mode, dynamic=key != "n", frozen_casts=key != "o")
         params = model.trainable_parameters()
         run = model
     else:
@@ -186,6 +191,19 @@ def scale_on_output():
         yield
     finally:
         ScaleWideningWeightRule.matches = matches
+
+
+@contextlib.contextmanager
+def inductor_defaults():
+    """compile_for_training without peftc's Inductor options."""
+    import lowering.inductor
+
+    options = lowering.inductor.INDUCTOR_OPTIONS
+    lowering.inductor.INDUCTOR_OPTIONS = {}
+    try:
+        yield
+    finally:
+        lowering.inductor.INDUCTOR_OPTIONS = options
 
 
 def precision(args):
@@ -365,6 +383,7 @@ def measure(args) -> dict:
         ("d", "n"): "d/n dynamic shapes / static",
         ("o", "d"): "o/d frozen casts kept between steps",
         ("p", "d"): "p/d LoRA scale on B, not the output",
+        ("q", "f"): "q/f DoRA, peftc's realize threshold",
         ("a", "m"): "a/m speed-up over PEFT eager",
         ("b", "m"): "b/m speed-up over PEFT compiled",
         ("k", "m"): "k/m speed-up over PEFT compiled+labels",

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lowering.blocks import block_paths, split_blocks
 from lowering.compile_cache import salted
+from lowering.inductor import inductor_options
 from passes.pipeline import Pipeline
 
 aten = torch.ops.aten
@@ -91,7 +92,11 @@ def wrap_piece(
     with Inductor (fullgraph, dynamic shapes), or both."""
     fn = checkpointed_piece(piece, policy) if checkpoint else piece
     if compile:
-        fn = salted(torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True))
+        fn = salted(
+            torch.compile(
+                fn, backend="inductor", fullgraph=True, dynamic=True, options=inductor_options(None)
+            )
+        )
     return fn
 
 

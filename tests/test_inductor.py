@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import peftc
-from lowering.inductor import kernel_backend
+from lowering.inductor import INDUCTOR_OPTIONS, inductor_options, kernel_backend
 from tests.models import perturb, tiny_llama, token_inputs
 
 TARGETS = [
@@ -71,6 +71,16 @@ def test_inductor_generated_cpp_kernels_on_cpu(pair):
     code = "\n".join(pair[4])
     assert kernel_backend("cpu") == "cpp" and kernel_backend("cuda") == "triton"
     assert "cpp_fused" in code  # C++ kernels on CPU; the same path emits Triton on a GPU
+
+
+def test_training_compiles_take_a_mode_alongside_peftcs_inductor_options():
+    # torch.compile refuses a mode together with options, so the mode is spelled out
+    options = inductor_options("max-autotune-no-cudagraphs")
+    assert options["max_autotune"] is True
+    assert options["realize_cpu_opcount_threshold"] == 20
+    assert inductor_options(None) == INDUCTOR_OPTIONS
+    with pytest.raises(RuntimeError, match="Unrecognized mode=fastest"):
+        inductor_options("fastest")
 
 
 def test_no_graph_breaks_and_no_recompiles_across_sequence_lengths(pair):
