@@ -145,7 +145,8 @@ class ScaleWideningWeightRule(FoldScaleRule):
     name = "scale_widening_weight"
 
     def matches(self, node: torch.fx.Node) -> bool:
-        if not super().matches(node):
+        # FoldScaleRule's declines are its own to count, so a declined node is no match here
+        if not super().matches(node) or super().check(node) is not None:
             return False
         matmul = node.args[1].args[0]
         if not isinstance(matmul, torch.fx.Node) or matmul.target != aten.linear.default:
@@ -158,6 +159,9 @@ class ScaleWideningWeightRule(FoldScaleRule):
         if width_in is None or width_out is None:
             return False  # the snippet's traced shapes say whether the weight widens
         return width_in.shape[-1] < width_out.shape[-1]
+
+    def check(self, node: torch.fx.Node) -> str | None:
+        return None  # matches() holds FoldScaleRule's checks
 
     def rewrite(self, node: torch.fx.Node) -> None:
         mul = node.args[1]

@@ -101,13 +101,16 @@ def test_fold_scale_scales_a_widening_weight_not_the_output():
     torch.testing.assert_close(run(p, A, B, torch.tensor(0.5), x), expected)
 
 
-def test_fold_scale_declines_a_tensor_scale_and_says_why():
-    p = scaled_lora("tensor")
+@pytest.mark.parametrize("shapes", [False, True])
+def test_fold_scale_declines_a_tensor_scale_and_says_why(shapes):
+    p = scaled_lora("tensor", shapes)
     rules = fold_scale()
     PassManager([rules]).run(p)
     stats = rules.stats["fold_scale_into_add"]
     assert stats.matches == 0
     assert dict(stats.declines) == {"scale is a tensor, not a constant": 1}
+    widening = rules.stats["scale_widening_weight"]  # the decline is counted once, above
+    assert widening.matches == 0 and not widening.declines
 
 
 @pytest.mark.parametrize(
