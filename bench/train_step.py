@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,8 +65,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import lowering.inductor  # noqa: E402
 import peftc  # noqa: E402
 from bench.llama import TARGETS, llama, token_batch  # noqa: E402
+from passes.fuse import ScaleWideningWeightRule  # noqa: E402
 from rewrite.files import write_atomic  # noqa: E402
 
 NAMES = {
@@ -145,11 +148,13 @@ def make_contender(key, base, args, x):
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model, mode=args.mode) if key in ("b", "k") else model
     elif key in METHOD:
-        with scale_on_output() if key == "p" else contextlib.nullcontext():
+        # p: fold_scale without its scale_widening_weight rule, the scale left on the output
+        with ablation(key == "p", ScaleWideningWeightRule, "matches", lambda self, node: False):
             model = peftc.compile(
                 copy.deepcopy(base), spec, x, fuse=key != "c", fused_loss=key != "l"
             ).train()
-        with inductor_defaults() if key == "q" else contextlib.nullcontext():
+        # q: compile_for_training without peftc's Inductor options
+        with ablation(key == "q", lowering.inductor, "INDUCTOR_OPTIONS", {}):
             model.compile_for_training(mode=args.mode, dynamic=key != "n", frozen_casts=key != "o")
         params = model.trainable_parameters()
         run = model
@@ -180,30 +185,9 @@ def make_contender(key, base, args, x):
     return step
 
 
-@contextlib.contextmanager
-def scale_on_output():
-    """fold_scale without its scale_widening_weight rule: the scale stays on the output."""
-    from passes.fuse import ScaleWideningWeightRule
-
-    matches = ScaleWideningWeightRule.matches
-    ScaleWideningWeightRule.matches = lambda self, node: False
-    try:
-        yield
-    finally:
-        ScaleWideningWeightRule.matches = matches
-
-
-@contextlib.contextmanager
-def inductor_defaults():
-    """compile_for_training without peftc's Inductor options."""
-    import lowering.inductor
-
-    options = lowering.inductor.INDUCTOR_OPTIONS
-    lowering.inductor.INDUCTOR_OPTIONS = {}
-    try:
-        yield
-    finally:
-        lowering.inductor.INDUCTOR_OPTIONS = options
+def ablation(active: bool, owner, name: str, value):
+    """`owner.name` replaced by `value` while active (an ablation contender), else nothing."""
+    return mock.patch.object(owner, name, value) if active else contextlib.nullcontext()
 
 
 def precision(args):
