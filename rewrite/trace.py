@@ -24,6 +24,7 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
 from rewrite.canonical import canonicalize_linears
+from rewrite.noop_casts import NoOpCastsAsValues, drop_cast_aliases
 from rewrite.program import BUFFER, CONSTANT, PARAMETER, USER_INPUT, Program, Slot
 
 
@@ -330,7 +331,7 @@ def export_program(
     """The torch.export call itself, on checked and bound inputs. (The test suite wraps this
     one function to share a trace between tests that build the same model.)"""
     try:
-        with _tracing_mode(model, training):
+        with _tracing_mode(model, training), NoOpCastsAsValues():
             ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; all mean "untraceable"
         raise TraceError(_explain_failure(model, e, dynamic_shapes)) from e
@@ -367,6 +368,7 @@ def _program_from_export(
                 "peftc supports buffer mutations only (e.g. BatchNorm statistics)"
             )
     _drop_dtype_checks(ep.graph_module)
+    drop_cast_aliases(ep.graph_module)
     return Program(
         graph_module=ep.graph_module,
         slots=slots,

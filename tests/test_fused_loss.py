@@ -72,8 +72,11 @@ def test_bf16_autocast_trains_fused_and_unfused_as_fp32_does(models):
     want_grads = grads(off)
     for model in (off, on):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**x).loss
+            out = model(**x)
+        loss = out.loss
         assert loss.dtype == torch.float32 and loss != want  # bf16 GEMMs ran
+        if model is off:  # as eager HF: the head's bf16 logits, not the loss's upcast of them
+            assert out.logits.dtype == torch.bfloat16
         torch.testing.assert_close(loss, want, atol=5e-2, rtol=5e-2)
         loss.backward()
         for name, g in grads(model).items():

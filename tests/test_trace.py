@@ -79,3 +79,37 @@ def test_plain_module_with_positional_input():
     assert [a.path for a in adapted.plan] == ["0", "2"]
     x = torch.randn(5, 8)
     torch.testing.assert_close(adapted(x), net(x))
+
+
+class _Upcasts(torch.nn.Module):
+    """Returns a linear's output and a loss over its upcast, as HF's causal LMs do, and the
+    upcast itself: in an fp32 trace each cast returns its input tensor itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.l(x)
+        loss = y.float().pow(2).mean() + y.to(torch.float32).sum() + y.type_as(x).mean()
+        return loss, y, self.l(x).float()
+
+
+def test_a_cast_that_is_a_noop_when_traced_leaves_its_input_as_it_was():
+    """Under bf16 autocast the casts are real. The traced graph returns, as the eager model
+    does, the linear's bf16 output for `y` and fp32 for the upcast, and the loss from the
+    upcast: torch.export tracks values by tensor object, and once read every use of `y` from
+    its `.float()` node (pytorch's no-op cast returns `self`)."""
+    net = _Upcasts()
+    x = torch.randn(3, 8)
+    adapted = peftc.compile(
+        net, {"adapters": [{"method": "lora", "targets": ["l"], "rank": 2}]}, (torch.randn(2, 8),)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = net(x), adapted(x)
+    assert [t.dtype for t in want] == [torch.float32, torch.bfloat16, torch.float32]
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    for g, w in zip(got, want, strict=True):  # the same bf16 GEMMs: equal up to summation order
+        torch.testing.assert_close(g, w, atol=1e-2, rtol=1e-2)
+    graph = adapted.program().graph_module.graph
+    assert not [n for n in graph.nodes if n.target is torch.ops.aten.alias.default]
