@@ -88,7 +88,7 @@ def quantize_parameters(
     returns weight name -> record. Every weight is checked before any is replaced."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for site in sites:
-        W = params[site.weight]
+        W = _as_bnb_layout(site, params[site.weight])
         if config.compute_dtype is not None and config.compute_dtype != W.dtype:
             raise SpecError(
                 f"quantize: compute_dtype {config.compute_dtype} differs from {site.path}'s "
@@ -101,13 +101,22 @@ def quantize_parameters(
                 raise SpecError(why)
     out = {}
     for site in sites:
-        W = params[site.weight]
+        param = params[site.weight]
+        W = _as_bnb_layout(site, param)
         if config.kind == "nf4":
-            out[site.weight] = quantize_nf4(W, config.blocksize, config.double_quant)
+            record = quantize_nf4(W, config.blocksize, config.double_quant)
         else:
-            out[site.weight] = quantize_int8(W)
-        _replace_parameter(model, site.weight, shape_holder(tuple(W.shape), W.dtype))
+            record = quantize_int8(W)
+        record.transposed = W is not param
+        out[site.weight] = record
+        _replace_parameter(model, site.weight, shape_holder(tuple(param.shape), param.dtype))
     return out
+
+
+def _as_bnb_layout(site: Site, W: torch.Tensor) -> torch.Tensor:
+    """The weight as [out, in], the layout bitsandbytes quantizes: an addmm site's weight
+    (GPT-2's Conv1D) is stored [in, out] and is quantized as its transpose."""
+    return W.detach().t().contiguous() if site.op == "addmm" else W
 
 
 def _replace_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
@@ -159,7 +168,9 @@ class QuantizedBase:
         its own dtype): made on each call, for merging, placement and inits; never kept."""
         with torch.no_grad():
             return {
-                name: dequantize(record, torch.float32).to(dtype or record.dtype)
+                name: _weight_layout(record, dequantize(record, torch.float32)).to(
+                    dtype or record.dtype
+                )
                 for name, record in self.records.items()
             }
 
@@ -211,9 +222,13 @@ class QuantizeBase:
             record = self.records[slot.target]
             inputs = {n: self._buffer(program, weight, slot.target, n) for n in record.tensors}
             first = min(weight.users, key=_position(graph))
+            val = weight.meta.get("val")
             with graph.inserting_before(first):
                 node = graph.call_function(*_dequantize_call(record, inputs))
-            node.meta["val"] = weight.meta.get("val")
+                if record.transposed:
+                    node.meta["val"] = None if val is None else val.t()
+                    node = graph.call_function(torch.ops.aten.t.default, (node,))
+            node.meta["val"] = val
             node.meta[META_KEY] = slot.target
             if "nn_module_stack" in first.meta:
                 node.meta["nn_module_stack"] = first.meta["nn_module_stack"]
@@ -234,6 +249,11 @@ class QuantizeBase:
         if fake is not None and "val" not in node.meta:
             node.meta["val"] = fake.from_tensor(self.store[name], static_shapes=True)
         return node
+
+
+def _weight_layout(record: QuantizedWeight, dense: torch.Tensor) -> torch.Tensor:
+    """A dequantized record in its weight's own layout."""
+    return dense.t().contiguous() if record.transposed else dense
 
 
 def _position(graph: torch.fx.Graph):
@@ -268,7 +288,10 @@ class DequantizeBase:
             placeholder = program.add_parameter(node.meta[META_KEY])
             placeholder.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(placeholder)
+            source = node.args[0] if node.target is torch.ops.aten.t.default else None
             graph.erase_node(node)
+            if source is not None:  # the dequantize under a transposed record's `t`
+                graph.erase_node(source)
         for slot in list(program.slots):
             if slot.target.startswith(QUANT_PREFIX):
                 ph = program.placeholder(slot.name)

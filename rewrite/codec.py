@@ -53,10 +53,14 @@ class QuantizedWeight:
     int8: `codes` (int8, the weight's shape) and `absmax` (fp32 per row)."""
 
     kind: str  # "nf4" or "int8"
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of what the codes hold (the weight's transpose when `transposed`)
     dtype: torch.dtype  # what the weight dequantizes to
     blocksize: int = 0  # nf4 only
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the codes hold the weight's transpose: a weight stored [in, out] (GPT-2's Conv1D, an
+    # addmm site) is quantized as [out, in], the layout bitsandbytes quantizes, so its blocks
+    # and scales are bitsandbytes' own
+    transposed: bool = False
 
     @property
     def double_quant(self) -> bool:

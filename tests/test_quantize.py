@@ -15,7 +15,7 @@ import rewrite.dequant
 from lowering.onnx_int8 import export_int8
 from rewrite.codec import dequantize_int8, quantize_int8
 from rewrite.spec import SpecError
-from tests.models import perturb, restored, tiny_llama, token_inputs
+from tests.models import perturb, restored, tiny_gpt2, tiny_llama, token_inputs
 
 SPEC = {"adapters": [{"method": "lora", "targets": ["q_proj", "v_proj", "down_proj"], "rank": 4}]}
 
@@ -116,6 +116,34 @@ def test_compiled_step_equals_eager_and_recomputes_the_fused_dequantize():
     ]
     assert re.search(r"^\s+cpp_fused\w*rshift\w*\(", backward, re.M)
     assert (64 * 96 // 2,) in {shape for shape, dtype in inputs.values() if dtype == "uint8"}
+
+
+def test_a_conv1d_weight_is_quantized_as_its_transpose_and_trains_compiled_and_merges():
+    """GPT-2's Conv1D (an addmm site) stores its weight [in, out]; peftc quantizes the [out, in]
+    transpose, the layout bitsandbytes quantizes (test_quantize_bnb's gpt2_fp32 case gives PEFT
+    on bitsandbytes' logits from it), and the graph dequantizes, then transposes. A compiled
+    step equals the eager one, and merge() (dense weights back in [in, out]) equals the graph."""
+    spec = {"adapters": [{"method": "lora", "targets": ["c_attn", "c_fc"], "rank": 4}]}
+    base = tiny_gpt2()
+    for module in base.modules():  # GPT-2's dropouts (0.1): eager and compiled draw apart
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    adapted = peftc.compile(base, spec, _inputs(), quantize="nf4").train()
+    record = adapted.pipeline.quantized_weights["transformer.h.0.attn.c_attn.weight"]
+    assert record.transposed and record.shape == (192, 64)  # Conv1D(192, 64) holds [64, 192]
+    perturb(adapted.trainable_parameters())
+    x = _inputs(2, 12, seed=5)
+    loss, grads = _step(adapted, x)
+    adapted.compile_for_training()
+    compiled_loss, compiled_grads = _step(adapted, x)
+    assert all(g.abs().max() > 0 for g in grads)
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    for ours, eager in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+    adapted.eval()
+    ours = _logits(adapted, x)
+    with torch.no_grad():
+        assert (adapted.merge()(**x).logits - ours).abs().max() < 1e-5
 
 
 def test_merge_then_fp32_and_int8_onnx_of_nf4(nf4, tmp_path):

@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
 
 import peftc
 from rewrite.codec import dequantize, dynamic_map, quantize_nf4
-from tests.models import tiny_bert, tiny_llama, token_inputs
+from tests.models import tiny_bert, tiny_gpt2, tiny_llama, token_inputs
 
 TOL = 1e-4  # fp32 logits: same dequantized weights, matmuls in another order
 
@@ -94,6 +94,9 @@ CASES = {
         False,
     ),
     "bert_bnb": (bert, AutoModel, ["query", "value", "dense"], False, True),
+    # GPT-2's Conv1D weights ([in, out]) arrive transposed into Linear4bit's [out, in] layout
+    "gpt2_bnb": (tiny_gpt2, AutoModelForCausalLM, ["c_attn", "c_fc", "c_proj"], False, True),
+    "gpt2_fp32": (tiny_gpt2, AutoModelForCausalLM, ["c_attn", "c_fc", "c_proj"], False, False),
     "bert_fp32": (bert, AutoModel, ["query", "value", "dense"], False, False),
 }
 
