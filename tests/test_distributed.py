@@ -134,6 +134,9 @@ def _rank(rank: int, init: str, out: str) -> None:
         for name, model in sliced_and_experts().items():
             model = peftc.distributed.fully_shard(model.train())
             results[name] = train(model, model.trainable_parameters(), half)
+        for name, model in sliced_and_experts().items():
+            model = peftc.distributed.replicate(model.train())
+            results[f"{name}_ddp"] = train(model, model.module.trainable_parameters(), half)
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -267,10 +270,12 @@ def test_a_step_counter_stays_whole_on_each_rank_and_counts_every_step(ranks, si
         assert r["singlora_t"] == [STEPS]
 
 
+@pytest.mark.parametrize("wrapper", ["", "_ddp"])
 @pytest.mark.parametrize("variant", ["phi3", "mixtral"])
-def test_slices_and_expert_weights_shard_and_step_like_one_process(ranks, single, variant):
-    """FSDP2 over adapters on rows of a packed projection (Phi-3's qkv_proj) and on expert
-    weights (Mixtral's 3-D gate_up_proj and down_proj): the single process's steps."""
+def test_slices_and_expert_weights_shard_and_step_like_one_process(ranks, single, variant, wrapper):
+    """FSDP2 and DDP over adapters on rows of a packed projection (Phi-3's qkv_proj) and on
+    expert weights (Mixtral's 3-D gate_up_proj and down_proj): the single process's steps."""
     expected = torch.tensor(single[variant])
     assert expected[-1] < expected[0]  # it trains
-    torch.testing.assert_close(_mean_over_ranks(ranks[1], variant), expected, rtol=TOL, atol=0)
+    got = _mean_over_ranks(ranks[1], variant + wrapper)
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=0)
