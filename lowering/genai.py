@@ -38,7 +38,7 @@ import torch
 
 from lowering.genai_graph import builder_edits
 from lowering.multi_adapter import IDS, checked_pipelines, stacked_lora
-from lowering.onnx import DTYPES, OnnxExportError, export_module
+from lowering.onnx import DTYPES, TOLERANCE, OnnxExportError, export_module
 from passes.merge import merged_biases, merged_weights
 from passes.pipeline import Pipeline, pipeline_of
 from rewrite.files import staged, write_atomic
@@ -73,12 +73,14 @@ class GenaiReport:
     files: list[str]
     fusions: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, list[int]] = field(default_factory=dict)  # what genai generated, per case
+    fusions_dropped: str | None = None  # why the ORT-fused decoder was not kept, if it was not
 
     def summary(self) -> str:
         fused = ", ".join(f"{k}={v}" for k, v in sorted(self.fusions.items()) if v)
+        dropped = f" (dropped, exported unfused: {self.fusions_dropped})"
         lines = [
             f"wrote {self.directory} ({self.mode}, {self.dtype}): {', '.join(self.files)}",
-            f"ort fusions: {fused or 'none'}",
+            f"ort fusions: {fused or 'none'}{dropped if self.fusions_dropped else ''}",
         ]
         for case, tokens in self.tokens.items():
             lines.append(
@@ -468,6 +470,7 @@ def export_genai(
                 directory / "model.onnx",
                 dynamic_shapes=_dynamic_shapes(example),
                 fusion_check=step,
+                fusion_tolerance=TOLERANCE[dtype],
                 finish=finish,
             )
     except OnnxExportError as e:
@@ -485,7 +488,14 @@ def export_genai(
     write_atomic(directory / "genai_config.json", json.dumps(config, indent=2) + "\n")
     files.append("genai_config.json")
     files += _copy_tokenizer(model_dir, directory)
-    result = GenaiReport(str(directory), mode, dtype, files, fusions={**report.fusions, **edits})
+    result = GenaiReport(
+        str(directory),
+        mode,
+        dtype,
+        files,
+        fusions={**report.fusions, **edits},
+        fusions_dropped=report.fusions_dropped,
+    )
     if check:
         result.tokens = verify_genai(
             directory, pipelines, mode, dtype, names, prompt, max_new_tokens

@@ -228,7 +228,9 @@ def export_multi(
     """Export one graph serving `adapters` (AdaptedModels, or their Pipelines, on one base),
     verified on fresh shapes with random adapter ids against the PyTorch graph."""
     gm, example = multi_adapter_module(adapters)
-    report = export_module(gm, example, path, opset=opset, ort_fusions=ort_fusions)
+    report = export_module(
+        gm, example, path, opset=opset, ort_fusions=ort_fusions, fusion_tolerance=TOLERANCE["fp32"]
+    )
     report.dtype = "fp32"
     report.tolerance = TOLERANCE["fp32"]
     if check:

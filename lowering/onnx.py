@@ -55,6 +55,7 @@ class ExportReport:
     drift: float | None = None  # max |merged - unmerged|, both in PyTorch
     provider: str = ""
     quantized: str | None = None  # the unmerged model's quantized base ("nf4", "int8"), if any
+    fusions_dropped: str | None = None  # why the ORT-fused graph was not kept, if it was not
 
     def summary(self) -> str:
         errors = ", ".join(f"{shape}: {err:.2e}" for shape, err in self.max_errors.items())
@@ -67,6 +68,8 @@ class ExportReport:
         fused = {k: v for k, v in self.fusions.items() if v}
         if fused:
             lines.append("ort fusions: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
+        if self.fusions_dropped:
+            lines.append(f"ort fusions dropped, exported unfused: {self.fusions_dropped}")
         if self.drift is not None:
             against = (
                 f"the quantized ({self.quantized}) training model"
@@ -268,12 +271,14 @@ def export_module(
     dims: Dims | None = None,
     dynamic_shapes: tuple | None = None,
     fusion_check: Mapping[str, torch.Tensor] | None = None,
+    fusion_tolerance: float | None = None,
     finish: Callable[[Any], None] | None = None,
 ) -> ExportReport:
     """Export `module(**inputs)` to `path` through the shared pipeline (no verification).
     `dims` are the dims a trace resolved (Program.input_dims); without them, batch and
     sequence are dynamic. `dynamic_shapes` (torch.export's form, one entry per input) replaces
-    both; the fused graph is test-run on `fusion_check` (default: `inputs`); `finish` edits the
+    both; the fused graph is test-run on `fusion_check` (default: `inputs`) and, with
+    `fusion_tolerance`, must give the module's outputs there within it; `finish` edits the
     onnx_ir model last, just before it is written."""
     names = list(inputs)
     module = module.eval()
@@ -306,9 +311,18 @@ def export_module(
             "fixed, export with dynamic=False"
         ) from e
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    fusions = {}
+    fusions, dropped = {}, None
     if ort_fusions:
-        fusions = _fuse_for_ort(program, fusion_check or inputs, check=size < EXTERNAL_DATA_BYTES)
+        check = fusion_check or inputs
+        expected = None
+        if fusion_tolerance is not None and fusion_check is None:
+            expected = flat_outputs(reference)
+        elif fusion_tolerance is not None:
+            with torch.no_grad():
+                expected = flat_outputs(module(**check))
+        fusions, dropped = _fuse_for_ort(
+            program, check, size < EXTERNAL_DATA_BYTES, expected, fusion_tolerance
+        )
     if finish is not None:
         finish(program.model)
     with staged(path, make_parents=True) as tmp:
@@ -320,18 +334,29 @@ def export_module(
         output_names=outs,
         nodes=len(program.model.graph),
         fusions=dict(fusions),
+        fusions_dropped=dropped,
     )
 
 
-def _fuse_for_ort(program, inputs: Mapping[str, torch.Tensor], check: bool) -> dict[str, int]:
+def _fuse_for_ort(
+    program,
+    inputs: Mapping[str, torch.Tensor],
+    check: bool,
+    expected: list[torch.Tensor] | None = None,
+    tolerance: float | None = None,
+) -> tuple[dict[str, int], str | None]:
     """Apply onnxscript's ORT fusions (attention, RMSNorm, rotary, skip-norm, GELU), after
     rewriting transformers 5's RoPE angles into the form the rotary fusion matches
-    (`lowering/ort_rope.py`).
+    (`lowering/ort_rope.py`). Returns the fusions made and, where the fused graph was
+    dropped, why.
 
     A fusion can match a pattern it then mis-handles, giving a graph that onnxruntime refuses
     to load or run (seen with stacked adapters: the MHA fusion on GPT-2, and the MHA-bias
-    fusion taking a BERT adapter's [batch, seq, out] update for a bias). So the fused graph
-    is run once on the example inputs, and the unfused graph is kept if that fails."""
+    fusion taking a BERT adapter's [batch, seq, out] update for a bias), or one that runs and
+    computes something else (seen on Mistral and Gemma 3, with sliding-window attention, and
+    on Granite, with its attention and residual multipliers). So the fused graph is run once on the example
+    inputs, its outputs compared with `expected` within `tolerance` where given, and the
+    unfused graph is kept if either fails."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -343,19 +368,29 @@ def _fuse_for_ort(program, inputs: Mapping[str, torch.Tensor], check: bool) -> d
     program.model, fusions = optimize_for_ort(program.model)
     fusions = {**fusions, "rope_freqs_as_matmul": rope}
     if before is None:
-        return dict(fusions)
+        return dict(fusions), None
     import onnxruntime as ort
 
     try:  # with ORT's own graph optimisations on, as the real session will have them
         proto = ir.serde.serialize_model(program.model)
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        run_session(sess, inputs)
+        got = run_session(sess, inputs)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
-        log.warning("ORT fusions gave a graph onnxruntime cannot run (%s); keeping it unfused", e)
-        program.model = ir.serde.deserialize_model(before)
-        program.optimize()
-        return {}
-    return dict(fusions)
+        why = f"onnxruntime cannot run the fused graph ({type(e).__name__}: {_cause(e)})"
+    else:
+        error = None
+        if expected is not None:
+            error = max(
+                (g.float() - e.float()).abs().max().item()
+                for g, e in zip(got, expected, strict=True)
+            )
+        if error is None or error <= tolerance:
+            return dict(fusions), None
+        why = f"the fused graph is {error:.2e} off PyTorch (tolerance {tolerance:g})"
+    log.warning("ORT fusions dropped: %s; the graph is exported unfused", why)
+    program.model = ir.serde.deserialize_model(before)
+    program.optimize()
+    return {}, why
 
 
 def _cause(error: BaseException) -> str:
@@ -536,8 +571,19 @@ def export_merged(
     fp32_example = pipeline.example_inputs
     example = _cast_inputs(fp32_example, DTYPES[dtype])
     dims = pipeline.program(training=False).input_dims  # as the trace resolved them
+    # the fused graph is checked at the longest verify shape: a fusion can go wrong only past
+    # some length (a sliding window)
+    longest = fresh_inputs(example, verify_shapes(example)[-1:], dims=dims)[0] if dynamic else None
     report = export_module(
-        gm, example, path, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions, dims=dims
+        gm,
+        example,
+        path,
+        opset=opset,
+        dynamic=dynamic,
+        ort_fusions=ort_fusions,
+        dims=dims,
+        fusion_check=longest,
+        fusion_tolerance=TOLERANCE[dtype],
     )
     report.dtype = dtype
     report.tolerance = TOLERANCE[dtype]

@@ -266,16 +266,21 @@ class AdaptedModel(torch.nn.Module):
         dtype: str = "fp32",
         opset: int | None = None,
         dynamic: bool = True,
+        *,
+        ort_fusions: bool = True,
     ) -> Any:
         """Merge the adapters and export an ONNX file verified with onnxruntime (ExportReport).
-        `dtype="int8"`: the fp32 export quantized by onnxruntime (Int8Report: drift, speed)."""
+        `dtype="int8"`: the fp32 export quantized by onnxruntime (Int8Report: drift, speed).
+        `ort_fusions=False` keeps the exporter's graph without onnxruntime's fused operators."""
         if dtype == "int8":
             from lowering.onnx_int8 import export_int8
 
-            return export_int8(self.pipeline, path, opset=opset)
+            return export_int8(self.pipeline, path, opset=opset, ort_fusions=ort_fusions)
         from lowering.onnx import export_merged
 
-        return export_merged(self.pipeline, path, dtype=dtype, opset=opset, dynamic=dynamic)
+        return export_merged(
+            self.pipeline, path, dtype=dtype, opset=opset, dynamic=dynamic, ort_fusions=ort_fusions
+        )
 
     def export_genai(
         self,

@@ -221,6 +221,20 @@ def mixtral() -> Built:  # mixture of experts: router and grouped-matmul experts
     return _text(MixtralForCausalLM(config).eval())
 
 
+def mistral() -> Built:  # sliding-window attention, a window shorter than the traced sequence
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(**models.DECODER, num_hidden_layers=1, sliding_window=4)
+    # with a mask, as a tokenizer gives it: there onnxscript's ORT fusions compute the
+    # windowed attention wrong, and lowering/onnx.py keeps the graph unfused
+    ids = _ids()
+    return MistralForCausalLM(config).eval(), {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
 class MatmulLinear(torch.nn.Linear):
     """A Linear whose forward is a matmul with the transposed weight, as some model code
     writes its projections."""
@@ -242,6 +256,6 @@ ARCHITECTURES: dict[str, Callable[[], Built]] = {
     f.__name__: f
     for f in (
         qwen2, phi3, gpt_neox, opt, bert, clip_text, t5, bart, whisper,
-        speech2text, vit, resnet, unet, mamba, mixtral, matmul_llama,
+        speech2text, vit, resnet, unet, mamba, mixtral, mistral, matmul_llama,
     )
 }  # fmt: skip

@@ -249,6 +249,22 @@ def test_a_mixture_of_experts_decoder_packages_merged_with_peft_tokens(tmp_path)
     assert base.config._experts_implementation != "batched_mm"  # the model is given back
 
 
+def test_a_sliding_window_decoder_packages_with_peft_tokens(tmp_path):
+    """Mistral with a window of 4 tokens, decoding 16: past the window every step masks the
+    older cache. (onnxscript's ORT fusions computed this decoder wrong, 0.3 off PyTorch on a
+    decode step, so the fused graph is checked against PyTorch and dropped when it is off.)"""
+    from tests.architectures import mistral
+
+    base, _ = mistral()
+    spec = {"adapters": [{"method": "lora", "targets": TARGETS, "rank": 4}]}
+    adapted = peftc.compile(base, spec, token_inputs())
+    perturb(adapted.trainable_parameters(), std=0.5, seed=1)
+    report = adapted.eval().export_genai(str(tmp_path / "pkg"))
+    got = genai_tokens(tmp_path / "pkg", [PROMPT], NEW)[0]
+    assert got != hf_tokens(base, [PROMPT], NEW)[0]  # the adapters change the tokens
+    assert got == peft_tokens(base, adapted, tmp_path), report.summary()
+
+
 def test_the_reference_tokens_stop_before_the_end_token_as_genai_does():
     """transformers keeps the end token it generated (and pads finished rows after it);
     onnxruntime-genai's sequences stop before it, so the reference drops it."""

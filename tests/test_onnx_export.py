@@ -311,3 +311,30 @@ def test_cli_argument_errors(capsys):
     assert "--adapters needs --multi" in capsys.readouterr().err
     assert cli.main(["export", "--model", "x:y", "--out", "o.onnx"]) == 2
     assert "give --adapter DIR" in capsys.readouterr().err
+
+
+def test_fused_graph_off_pytorch_is_dropped_for_the_unfused_one(tmp_path, monkeypatch):
+    """A fusion that runs but computes something else (onnxscript's ORT fusions on Mistral's
+    sliding window, in the architecture matrix) must not reach the file: the fused graph is
+    checked against PyTorch and the unfused one kept. Here a fusion pass that also shifts a
+    weight stands in for such a bug. `ort_fusions=False` never runs it."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import ort_fusions
+
+    real = ort_fusions.optimize_for_ort
+
+    def wrong(model, *args, **kwargs):
+        model, fusions = real(model, *args, **kwargs)
+        weight = max(model.graph.initializers.values(), key=lambda v: v.const_value.numpy().size)
+        weight.const_value = ir.Tensor(weight.const_value.numpy() + 0.5, name=weight.name)
+        return model, fusions
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", wrong)
+    spec = {"adapters": [{"method": "lora", "targets": ["conv1", "head"], "rank": 2}]}
+    adapted = peftc.compile(convnet(), spec, image_inputs(2)).eval()
+    report = adapted.export_onnx(str(tmp_path / "m.onnx"))
+    assert "off PyTorch (tolerance 0.0001)" in report.fusions_dropped
+    assert "ort fusions dropped, exported unfused" in report.summary()
+    assert report.fusions == {} and max(report.max_errors.values()) <= FP32
+    plain = adapted.export_onnx(str(tmp_path / "plain.onnx"), ort_fusions=False)
+    assert plain.fusions_dropped is None and max(plain.max_errors.values()) <= FP32
