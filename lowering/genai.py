@@ -469,7 +469,7 @@ def export_genai(
                 example,
                 directory / "model.onnx",
                 dynamic_shapes=_dynamic_shapes(example),
-                fusion_check=step,
+                fusion_check=[step],
                 fusion_tolerance=TOLERANCE[dtype],
                 finish=finish,
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,14 +270,14 @@ def export_module(
     ort_fusions: bool = True,
     dims: Dims | None = None,
     dynamic_shapes: tuple | None = None,
-    fusion_check: Mapping[str, torch.Tensor] | None = None,
+    fusion_check: Sequence[Mapping[str, torch.Tensor]] | None = None,
     fusion_tolerance: float | None = None,
     finish: Callable[[Any], None] | None = None,
 ) -> ExportReport:
     """Export `module(**inputs)` to `path` through the shared pipeline (no verification).
     `dims` are the dims a trace resolved (Program.input_dims); without them, batch and
     sequence are dynamic. `dynamic_shapes` (torch.export's form, one entry per input) replaces
-    both; the fused graph is test-run on `fusion_check` (default: `inputs`) and, with
+    both; the fused graph is test-run on each of `fusion_check` (default: `inputs`) and, with
     `fusion_tolerance`, must give the module's outputs there within it; `finish` edits the
     onnx_ir model last, just before it is written."""
     names = list(inputs)
@@ -313,15 +313,13 @@ def export_module(
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     fusions, dropped = {}, None
     if ort_fusions:
-        check = fusion_check or inputs
+        checks = list(fusion_check or [inputs])
         expected = None
-        if fusion_tolerance is not None and fusion_check is None:
-            expected = flat_outputs(reference)
-        elif fusion_tolerance is not None:
+        if fusion_tolerance is not None:
             with torch.no_grad():
-                expected = flat_outputs(module(**check))
+                expected = [flat_outputs(reference if c is inputs else module(**c)) for c in checks]
         fusions, dropped = _fuse_for_ort(
-            program, check, size < EXTERNAL_DATA_BYTES, expected, fusion_tolerance
+            program, checks, size < EXTERNAL_DATA_BYTES, expected, fusion_tolerance
         )
     if finish is not None:
         finish(program.model)
@@ -340,9 +338,9 @@ def export_module(
 
 def _fuse_for_ort(
     program,
-    inputs: Mapping[str, torch.Tensor],
+    checks: Sequence[Mapping[str, torch.Tensor]],
     check: bool,
-    expected: list[torch.Tensor] | None = None,
+    expected: Sequence[list[torch.Tensor]] | None = None,
     tolerance: float | None = None,
 ) -> tuple[dict[str, int], str | None]:
     """Apply onnxscript's ORT fusions (attention, RMSNorm, rotary, skip-norm, GELU), after
@@ -354,9 +352,10 @@ def _fuse_for_ort(
     to load or run (seen with stacked adapters: the MHA fusion on GPT-2, and the MHA-bias
     fusion taking a BERT adapter's [batch, seq, out] update for a bias), or one that runs and
     computes something else (seen on Mistral and Gemma 3, with sliding-window attention, and
-    on Granite, with its attention and residual multipliers). So the fused graph is run once on the example
-    inputs, its outputs compared with `expected` within `tolerance` where given, and the
-    unfused graph is kept if either fails."""
+    on Granite, with its attention and residual multipliers), or one that runs at some shapes
+    only (Cohere, at batch 3). So the fused graph is run on each of `checks`, its outputs
+    compared with `expected` within `tolerance` where given, and the unfused graph is kept if
+    any of it fails."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -374,7 +373,7 @@ def _fuse_for_ort(
     try:  # with ORT's own graph optimisations on, as the real session will have them
         proto = ir.serde.serialize_model(program.model)
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        got = run_session(sess, inputs)
+        got = [run_session(sess, inputs) for inputs in checks]
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
         why = f"onnxruntime cannot run the fused graph ({type(e).__name__}: {_cause(e)})"
     else:
@@ -382,7 +381,8 @@ def _fuse_for_ort(
         if expected is not None:
             error = max(
                 (g.float() - e.float()).abs().max().item()
-                for g, e in zip(got, expected, strict=True)
+                for outs, wants in zip(got, expected, strict=True)
+                for g, e in zip(outs, wants, strict=True)
             )
         if error is None or error <= tolerance:
             return dict(fusions), None
@@ -571,9 +571,9 @@ def export_merged(
     fp32_example = pipeline.example_inputs
     example = _cast_inputs(fp32_example, DTYPES[dtype])
     dims = pipeline.program(training=False).input_dims  # as the trace resolved them
-    # the fused graph is checked at the longest verify shape: a fusion can go wrong only past
-    # some length (a sliding window)
-    longest = fresh_inputs(example, verify_shapes(example)[-1:], dims=dims)[0] if dynamic else None
+    # the fused graph is checked at the verify shapes: a fusion can go wrong only past some
+    # length (a sliding window) or at some batch sizes
+    checks = fresh_inputs(example, verify_shapes(example), dims=dims) if dynamic else None
     report = export_module(
         gm,
         example,
@@ -582,7 +582,7 @@ def export_merged(
         dynamic=dynamic,
         ort_fusions=ort_fusions,
         dims=dims,
-        fusion_check=longest,
+        fusion_check=checks,
         fusion_tolerance=TOLERANCE[dtype],
     )
     report.dtype = dtype

@@ -235,6 +235,20 @@ def mistral() -> Built:  # sliding-window attention, a window shorter than the t
     }
 
 
+def cohere() -> Built:  # parallel attention and MLP, LayerNorm without bias, logit scale
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    config = CohereConfig(**models.DECODER, num_hidden_layers=1, pad_token_id=0)
+    # with a mask: there onnxscript's ORT fusions gave a graph onnxruntime cannot run at
+    # batch 3 (the verify shape 3x17), and lowering/onnx.py keeps the graph unfused
+    ids = _ids()
+    return CohereForCausalLM(config).eval(), {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
 class MatmulLinear(torch.nn.Linear):
     """A Linear whose forward is a matmul with the transposed weight, as some model code
     writes its projections."""
@@ -256,6 +270,6 @@ ARCHITECTURES: dict[str, Callable[[], Built]] = {
     f.__name__: f
     for f in (
         qwen2, phi3, gpt_neox, opt, bert, clip_text, t5, bart, whisper,
-        speech2text, vit, resnet, unet, mamba, mixtral, mistral, matmul_llama,
+        speech2text, vit, resnet, unet, mamba, mixtral, mistral, cohere, matmul_llama,
     )
 }  # fmt: skip
