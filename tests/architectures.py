@@ -221,18 +221,20 @@ def mixtral() -> Built:  # mixture of experts: router and grouped-matmul experts
     return _text(MixtralForCausalLM(config).eval())
 
 
+def _text_with_mask(model: torch.nn.Module) -> Built:
+    """Token ids with an attention mask, as a tokenizer gives them."""
+    ids = _ids()
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def mistral() -> Built:  # sliding-window attention, a window shorter than the traced sequence
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     config = MistralConfig(**models.DECODER, num_hidden_layers=1, sliding_window=4)
-    # with a mask, as a tokenizer gives it: there onnxscript's ORT fusions compute the
-    # windowed attention wrong, and lowering/onnx.py keeps the graph unfused
-    ids = _ids()
-    return MistralForCausalLM(config).eval(), {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-    }
+    # with a mask, onnxscript's ORT fusions computed the windowed attention wrong, and
+    # lowering/onnx.py keeps the graph unfused
+    return _text_with_mask(MistralForCausalLM(config).eval())
 
 
 def cohere() -> Built:  # parallel attention and MLP, LayerNorm without bias, logit scale
@@ -240,13 +242,9 @@ def cohere() -> Built:  # parallel attention and MLP, LayerNorm without bias, lo
 
     torch.manual_seed(0)
     config = CohereConfig(**models.DECODER, num_hidden_layers=1, pad_token_id=0)
-    # with a mask: there onnxscript's ORT fusions gave a graph onnxruntime cannot run at
-    # batch 3 (the verify shape 3x17), and lowering/onnx.py keeps the graph unfused
-    ids = _ids()
-    return CohereForCausalLM(config).eval(), {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-    }
+    # with a mask, onnxscript's ORT fusions gave a graph onnxruntime cannot run at batch 3
+    # (the verify shape 3x17), and lowering/onnx.py keeps the graph unfused
+    return _text_with_mask(CohereForCausalLM(config).eval())
 
 
 class MatmulLinear(torch.nn.Linear):
