@@ -102,12 +102,12 @@ def quantize_parameters(
     out = {}
     for site in sites:
         param = params[site.weight]
-        W = _as_bnb_layout(site, param)
+        W = _as_bnb_layout(site, param).contiguous()
         if config.kind == "nf4":
             record = quantize_nf4(W, config.blocksize, config.double_quant)
         else:
             record = quantize_int8(W)
-        record.transposed = W is not param
+        record.transposed = site.op == "addmm"
         out[site.weight] = record
         _replace_parameter(model, site.weight, shape_holder(tuple(param.shape), param.dtype))
     return out
@@ -115,8 +115,8 @@ def quantize_parameters(
 
 def _as_bnb_layout(site: Site, W: torch.Tensor) -> torch.Tensor:
     """The weight as [out, in], the layout bitsandbytes quantizes: an addmm site's weight
-    (GPT-2's Conv1D) is stored [in, out] and is quantized as its transpose."""
-    return W.detach().t().contiguous() if site.op == "addmm" else W
+    (GPT-2's Conv1D) is stored [in, out] and is quantized as its transpose (a view)."""
+    return W.detach().t() if site.op == "addmm" else W
 
 
 def _replace_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
