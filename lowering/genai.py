@@ -315,9 +315,23 @@ def _zero_defaults(model, names: Sequence[str]) -> None:
 # -- the package ---------------------------------------------------------------------------
 
 
-# Decoders onnxruntime-genai has no type for, written as the family it has: the type picks
-# genai's decoder-only model class, which runs the graph by its input and output names.
-GENAI_TYPE = {"mixtral": "mistral"}
+# onnxruntime-genai 0.18's own decoder-only types (its ModelType::IsLLM list, less gpt2 and
+# lfm2: genai runs those with another model class, which expects GPT-2's combined cache or a
+# convolution state, not this graph's inputs). Every other type is written as genai's generic
+# "decoder", which picks the same decoder-only class: it runs the graph by its input and
+# output names, so Falcon, GPT-J, BLOOM, OPT, GPT-NeoX, Starcoder2, Qwen2-MoE and GPT-2 package
+# too. A type genai has is kept, as its model builder writes it.
+GENAI_DECODER_TYPES = frozenset(
+    "chatglm ernie4_5 gemma gemma2 gemma3_text granite internlm2 llama mistral nemotron olmo "
+    "phi phi3 phi3small phimoe qwen2 qwen3 smollm3".split()
+)
+GENAI_TYPE = {"mixtral": "mistral"}  # a family genai has, by another name
+
+
+def genai_type(model_type: str) -> str:
+    """The `model.type` of genai_config.json for a transformers `model_type`."""
+    model_type = GENAI_TYPE.get(model_type, model_type)
+    return model_type if model_type in GENAI_DECODER_TYPES else "decoder"
 
 
 def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool) -> dict:
@@ -333,8 +347,6 @@ def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool
         return default if value is None else value
 
     eos = token("eos_token_id", 0)
-    model_type = getattr(config, "model_type", "llama")
-    model_type = GENAI_TYPE.get(model_type, model_type)
     return {
         "model": {
             "bos_token_id": token("bos_token_id", 0),
@@ -361,7 +373,7 @@ def genai_config(model: torch.nn.Module, shape: DecoderShape, share_buffer: bool
             },
             "eos_token_id": eos,
             "pad_token_id": token("pad_token_id", eos[0] if isinstance(eos, list) else eos),
-            "type": model_type,
+            "type": genai_type(getattr(config, "model_type", "")),
             "vocab_size": shape.vocab,
         },
         "search": {

@@ -265,6 +265,25 @@ def test_a_sliding_window_decoder_packages_with_peft_tokens(tmp_path):
     assert got == peft_tokens(base, adapted, tmp_path), report.summary()
 
 
+def test_a_decoder_genai_has_no_type_for_packages_as_its_generic_decoder(tmp_path):
+    """GPT-2 (Conv1D projections, learned positions): genai's gpt2 type expects another cache
+    layout ("Model input was not found"), and Falcon, GPT-J, BLOOM, ... have no type at all;
+    the package says "decoder", genai's generic decoder-only type, and gives PEFT's tokens."""
+    from tests.models import tiny_gpt2
+
+    base = tiny_gpt2()
+    spec = {"adapters": [{"method": "lora", "targets": ["c_attn", "c_proj"], "rank": 4}]}
+    adapted = peftc.compile(base, spec, token_inputs())
+    perturb(adapted.trainable_parameters(), std=0.5, seed=1)
+    adapted.eval().export_genai(str(tmp_path / "pkg"))
+
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    assert config["model"]["type"] == "decoder"
+    got = genai_tokens(tmp_path / "pkg", [PROMPT], NEW)[0]
+    assert got != hf_tokens(base, [PROMPT], NEW)[0]  # the adapters change the tokens
+    assert got == peft_tokens(base, adapted, tmp_path)
+
+
 def test_the_reference_tokens_stop_before_the_end_token_as_genai_does():
     """transformers keeps the end token it generated (and pads finished rows after it);
     onnxruntime-genai's sequences stop before it, so the reference drops it."""
