@@ -359,13 +359,15 @@ def _fuse_for_ort(
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    from lowering.ort_attention_rank import restore_flat_attention_outputs
     from lowering.ort_rope import rewrite_rope_freqs
 
     before = ir.serde.serialize_model(program.model) if check else None
     program.optimize()  # constants folded, so that the RoPE rule sees its constant inputs
     rope = rewrite_rope_freqs(program.model)
     program.model, fusions = optimize_for_ort(program.model)
-    fusions = {**fusions, "rope_freqs_as_matmul": rope}
+    flat = restore_flat_attention_outputs(program.model)
+    fusions = {**fusions, "rope_freqs_as_matmul": rope, "flat_attention_output": flat}
     if before is None:
         return dict(fusions), None
     import onnxruntime as ort

@@ -210,6 +210,8 @@ def test_export_api(name, tmp_path, convnet_base):
     torch.testing.assert_close(got[0], expected, atol=FP32, rtol=FP32)
     if name == "convnet":  # the merged graph costs what the base graph costs
         assert report.nodes == convnet_base[3].nodes
+    else:  # the fused attention is flattened again for the Conv1D's Gemm, and kept
+        assert report.fusions["mha2"] == 2 and report.fusions_dropped is None
 
 
 @pytest.fixture(scope="module")
