@@ -178,7 +178,8 @@ def _torchlib_registry_once():
     """torch.onnx.export rebuilds its registry of ONNX functions from torchlib on every call
     (0.6-1.2 s here, as long as exporting a small model). peftc's exports pass no custom
     translation table, so nothing changes the registry once built: within this block it is
-    built once per opset and reused. Outside it (the user's own exports) torch's is left as it
+    built once per opset, with peftc's complex-valued translations added
+    (lowering/onnx_complex.py), and reused. Outside it (the user's own exports) torch's is left as it
     is; a torch without this private hook just builds it each time."""
     try:
         from torch.onnx._internal.exporter import _registration
@@ -195,7 +196,9 @@ def _torchlib_registry_once():
         opset = _registration._constants.TORCHLIB_OPSET if opset_version is None else opset_version
         key = (cls, opset)
         if key not in _REGISTRIES:
-            _REGISTRIES[key] = build(cls, opset)
+            from lowering.onnx_complex import register_complex_translations
+
+            _REGISTRIES[key] = register_complex_translations(build(cls, opset))
         return _REGISTRIES[key]
 
     _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)

@@ -224,6 +224,32 @@ def convnet_base(tmp_path_factory):
     return model, feed, path, report
 
 
+def test_llama4s_complex_valued_rope_exports(tmp_path):
+    """Llama 4 computes RoPE on complex tensors (`torch.polar`, `view_as_complex(q) *
+    freqs_cis[:, :, None, :]`); torchlib had no translation for the complex unsqueeze, so the
+    export failed. Complex values travel as [..., 2] real tensors (lowering/onnx_complex.py)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+        num_local_experts=2, use_cache=False,
+    )  # fmt: skip
+    base = Llama4ForCausalLM(config).eval()
+    spec = {"adapters": [{"method": "lora", "targets": ["q_proj", "k_proj"], "rank": 4}]}
+    adapted = peftc.compile(base, spec, token_inputs())
+    perturb(adapted.trainable_parameters(), std=0.5)
+    path = tmp_path / "model.onnx"
+    report = adapted.eval().export_onnx(str(path))
+    assert max(report.max_errors.values()) <= FP32
+    feed = token_inputs(3, 7, seed=4)
+    with torch.no_grad():
+        expected, base_out = adapted(**feed).logits, base(**feed).logits
+    assert (expected - base_out).abs().max() > 1e-3  # the adapters on q and k change RoPE's input
+    torch.testing.assert_close(_ort(path, feed)[1][0], expected, atol=FP32, rtol=FP32)
+
+
 def test_verify_fails_loudly(convnet_base):
     _, feed, path, _ = convnet_base
     other = convnet(seed=3)
