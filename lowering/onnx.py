@@ -179,8 +179,9 @@ def _torchlib_registry_once():
     (0.6-1.2 s here, as long as exporting a small model). peftc's exports pass no custom
     translation table, so nothing changes the registry once built: within this block it is
     built once per opset, with peftc's complex-valued translations added
-    (lowering/onnx_complex.py), and reused. Outside it (the user's own exports) torch's is left as it
-    is; a torch without this private hook just builds it each time."""
+    (lowering/onnx_complex.py), and reused. Outside it (the user's own exports) torch's is
+    left as it is; a torch without this private hook just builds it each time (and then
+    lacks those translations)."""
     try:
         from torch.onnx._internal.exporter import _registration
 

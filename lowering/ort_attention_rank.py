@@ -2,8 +2,8 @@
 
 onnxscript's MHA fusion matches an attention that ends `Transpose -> Reshape(shape)` and
 replaces both with onnxruntime's `MultiHeadAttention`, whose output is [B, S, H*Dh]. It does
-not check the Reshape's shape (left unchecked in onnxscript 0.7's `mha.py`): GPT-2's attention ends in
-a Reshape straight to [B*S, H*Dh], the 2-D input its Conv1D's Gemm reads, so the fused graph
+not check the Reshape's shape (onnxscript 0.7's `mha.py`): GPT-2's attention ends in a Reshape
+straight to [B*S, H*Dh], the 2-D input its Conv1D's Gemm reads, so the fused graph
 hands that Gemm a 3-D tensor and onnxruntime refuses to load it. This edit, run after the
 fusions, puts the flattening Reshape back where a fused attention's output was declared 2-D.
 """
