@@ -50,13 +50,13 @@ def tiny_phi3(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     return Phi3ForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+def tiny_gpt2(seed: int = 0, layers: int = 2) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
         n_embd=64,
-        n_layer=2,
+        n_layer=layers,
         n_head=4,
         vocab_size=128,
         n_positions=128,

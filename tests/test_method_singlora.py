@@ -108,7 +108,7 @@ def _singlora_llama():
     from tests.models import tiny_llama, token_inputs
 
     spec = {"adapters": [{"method": "singlora", "targets": ["*.q_proj"], "rank": 2}]}
-    return peftc.compile(tiny_llama(layers=2), spec, token_inputs()), token_inputs()
+    return peftc.compile(tiny_llama(layers=1), spec, token_inputs()), token_inputs()
 
 
 def _singlora_linear():

@@ -3,7 +3,7 @@ norm, activation, residual, split and concat layers; each one compiles with `all
 LoRA, takes a training step that moves the adapters, merges to the unmerged output (fp32,
 1e-5) and exports to ONNX verified by onnxruntime at two new shapes (1e-4).
 
-The suite runs 50 examples (derandomized, so every run checks the same nets); the long run
+The suite runs 30 examples (derandomized, so every run checks the same nets); the long run
 is `PEFTC_RANDOM_NETS=200 python -m pytest -q tests/test_random_nets.py` (README). A failure
 Hypothesis finds is shrunk and kept below as a regular test.
 """
@@ -131,7 +131,7 @@ def check(embed: bool, spec: list, tmp_dir) -> None:
 
 
 @settings(
-    max_examples=int(os.environ.get("PEFTC_RANDOM_NETS", "50")),
+    max_examples=int(os.environ.get("PEFTC_RANDOM_NETS", "30")),
     deadline=None,
     derandomize=True,
     database=None,

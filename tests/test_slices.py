@@ -27,7 +27,7 @@ TOL = 1e-5  # fp32
 # architecture: (model, packed module, the q and v slice targets, their rows)
 CASES = {
     "phi3": (partial(tiny_phi3, layers=1), "self_attn.qkv_proj", ["*.qkv_proj[q]", "*.qkv_proj[v]"], [(0, 64), (96, 128)]),
-    "gpt2": (tiny_gpt2, "attn.c_attn", ["*.c_attn[0:64]", "*.c_attn[128:192]"], [(0, 64), (128, 192)]),
+    "gpt2": (partial(tiny_gpt2, layers=1), "attn.c_attn", ["*.c_attn[0:64]", "*.c_attn[128:192]"], [(0, 64), (128, 192)]),
 }  # fmt: skip
 
 
