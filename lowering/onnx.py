@@ -366,8 +366,9 @@ def _fuse_for_ort(
     from lowering.ort_attention_rank import restore_flat_attention_outputs
     from lowering.ort_rope import rewrite_rope_freqs
 
-    before = ir.serde.serialize_model(program.model) if check else None
     program.optimize()  # constants folded, so that the RoPE rule sees its constant inputs
+    # the unfused graph, optimized: what is exported if the fused one is dropped
+    before = ir.serde.serialize_model(program.model) if check else None
     rope = rewrite_rope_freqs(program.model)
     program.model, fusions = optimize_for_ort(program.model)
     flat = restore_flat_attention_outputs(program.model)
@@ -395,7 +396,6 @@ def _fuse_for_ort(
         why = f"the fused graph is {error:.2e} off PyTorch (tolerance {tolerance:g})"
     log.warning("ORT fusions dropped: %s; the graph is exported unfused", why)
     program.model = ir.serde.deserialize_model(before)
-    program.optimize()
     return {}, why
 
 
