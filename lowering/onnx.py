@@ -24,9 +24,12 @@ import torch.utils._pytree as pytree
 from lowering.grouped_mm import decompose_grouped_mm
 from passes.merge import fold_weights, merged_biases, merged_weights, op_multiset
 from passes.pipeline import pipeline_of
+from rewrite.exported import exported_program
 from rewrite.files import staged
+from rewrite.program import Program
 from rewrite.sites import find_sites
 from rewrite.trace import dynamic_dims, trace
+from rewrite.unlift import unlift
 
 log = logging.getLogger("peftc.onnx")
 
@@ -277,31 +280,48 @@ def export_module(
     fusion_check: Sequence[Mapping[str, torch.Tensor]] | None = None,
     fusion_tolerance: float | None = None,
     finish: Callable[[Any], None] | None = None,
+    exported: torch.export.ExportedProgram | None = None,
 ) -> ExportReport:
     """Export `module(**inputs)` to `path` through the shared pipeline (no verification).
     `dims` are the dims a trace resolved (Program.input_dims); without them, batch and
     sequence are dynamic. `dynamic_shapes` (torch.export's form, one entry per input) replaces
     both; the fused graph is test-run on each of `fusion_check` (default: `inputs`) and, with
     `fusion_tolerance`, must give the module's outputs there within it; `finish` edits the
-    onnx_ir model last, just before it is written."""
+    onnx_ir model last, just before it is written. `exported` is `module`'s own graph as an
+    ExportedProgram (rewrite/exported.py), with the dims `dims` names dynamic: torch.onnx then
+    takes it as it is instead of capturing `module` with torch.export again (a third to a
+    half of torch.onnx.export's time)."""
     names = list(inputs)
     module = module.eval()
     with torch.no_grad():
         reference = module(**inputs)
-    module = decompose_grouped_mm(module)  # MoE experts: no ONNX op of their own
+    decomposed = decompose_grouped_mm(module)  # MoE experts: no ONNX op of their own
     outs = output_names(reference)
-    if dynamic_shapes is None:
-        dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
+    use_exported = dims is not None and dynamic and dynamic_shapes is None
+    if exported is not None and decomposed is module and use_exported:
+        # the program's dims are the trace's symbols; torch.onnx renames them to these
+        axes = axis_names(inputs, dims)
+        dynamic_shapes = tuple(
+            {d: axes[(name, d)] for d in range(t.dim()) if (name, d) in axes}
+            for name, t in inputs.items()
+        )
+        target = exported
+    else:
+        if dynamic_shapes is None:
+            dynamic_shapes = _dynamic_shapes(inputs, dynamic, dims)
+        # _Flat.forward takes *args: its dynamic shapes nest under that one parameter
+        dynamic_shapes = None if dynamic_shapes is None else (dynamic_shapes,)
+        target = _Flat(decomposed, names).eval()
+    module = decomposed
     try:
         with torch.no_grad(), _quiet_exporter(), _torchlib_registry_once():
             program = torch.onnx.export(
-                _Flat(module, names).eval(),
+                target,
                 tuple(inputs.values()),
                 dynamo=True,
                 input_names=names,
                 output_names=outs,
-                # _Flat.forward takes *args: its dynamic shapes nest under that one parameter
-                dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,),
+                dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 # the onnxscript optimizer (constant folding, dead code, inlining); the ORT
                 # fusions run it themselves first, so it is not run twice
@@ -538,11 +558,18 @@ def merged_module(adapted, dtype: str = "fp32", safe_merge: bool = True) -> torc
     fp32 uses the pipeline's merge. fp16 re-traces the base model with fp16 copies of its
     weights swapped in (its graph casts to the traced dtype, so an fp32 graph cannot just take
     fp16 weights) and folds the merged weights, computed in fp32 and cast once, into it."""
+    return unlift(*merged_program(adapted, dtype, safe_merge))
+
+
+def merged_program(
+    adapted, dtype: str = "fp32", safe_merge: bool = True
+) -> tuple[Program, dict[str, torch.Tensor]]:
+    """merged_module's program and the state it reads, before they become a GraphModule."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     pipeline = pipeline_of(adapted)
     if dtype == "fp32":
-        return pipeline.merge(safe_merge=safe_merge)
+        return pipeline.merged_program(safe_merge=safe_merge)
     torch_dtype = DTYPES[dtype]
     assignments = pipeline.plan.assignments
     dense = pipeline.dense_state()  # a quantized base: dequantized in fp32, merged, cast once
@@ -573,7 +600,8 @@ def export_merged(
     The file is verified with onnxruntime at two fresh shapes (tolerance 1e-4 fp32, 1e-2 fp16)
     and the merge drift against the unmerged model is measured and reported."""
     pipeline = pipeline_of(adapted)
-    gm = merged_module(pipeline, dtype, safe_merge)
+    program, state = merged_program(pipeline, dtype, safe_merge)
+    gm = unlift(program, state)
     fp32_example = pipeline.example_inputs
     example = _cast_inputs(fp32_example, DTYPES[dtype])
     dims = pipeline.program(training=False).input_dims  # as the trace resolved them
@@ -590,6 +618,7 @@ def export_merged(
         dims=dims,
         fusion_check=checks,
         fusion_tolerance=TOLERANCE[dtype],
+        exported=exported_program(program, state),  # after unlift: it takes the graph
     )
     report.dtype = dtype
     report.tolerance = TOLERANCE[dtype]
@@ -616,8 +645,6 @@ def _shape_of(example: Mapping[str, torch.Tensor]) -> tuple[int, int]:
 
 def base_module(model: torch.nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
     """The base model's own eval graph as a GraphModule (for node-count and speed baselines)."""
-    from rewrite.unlift import unlift
-
     program = trace(model, example_inputs, training=False)
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))

@@ -35,7 +35,6 @@ from rewrite.program import PARAMETER, Program
 from rewrite.sites import SITE_OPS, Site, SiteIndex
 from rewrite.spec import Assignment
 from rewrite.tags import tag_of
-from rewrite.unlift import unlift
 
 
 class MergeError(RuntimeError):
@@ -277,11 +276,11 @@ def fold_weights(
     state: Mapping[str, torch.Tensor],
     merged: Mapping[str, torch.Tensor],
     biases: Mapping[str, torch.Tensor] | None = None,
-) -> torch.fx.GraphModule:
-    """A self-contained GraphModule of `program` (a base trace) with merged weights (and the
-    biases that change) folded in."""
+) -> tuple[Program, dict[str, torch.Tensor]]:
+    """`program` (a base trace, rewritten in place) with merged weights (and the biases that
+    change) folded in, and the state it then reads (tensors of its own)."""
     fold = FoldWeights(sites, assignments, merged, biases)
     PassManager([fold, Cleanup()]).run(program)
     with torch.no_grad():
         owned = {k: v.detach().clone() for k, v in {**state, **fold.state}.items()}
-    return unlift(program, owned)
+    return program, owned

@@ -415,13 +415,18 @@ class Pipeline:
 
     def merge(self, safe_merge: bool = True) -> torch.fx.GraphModule:
         """A GraphModule (eval mode) with every adapter folded into its base weight."""
+        return unlift(*self.merged_program(safe_merge))
+
+    def merged_program(self, safe_merge: bool = True) -> tuple[Program, dict[str, torch.Tensor]]:
+        """The eval program (a copy) with every adapter folded into its base weight, and the
+        state it reads (tensors of its own)."""
         program = self.program(training=False).clone()
         state = self.dense_state()  # a quantized base: dequantized in fp32, cast once
         passes, merge = self.merge_passes(state, safe_merge)
         PassManager(passes, debug=self.debug).run(program)
         with torch.no_grad():
             owned = {k: v.detach().clone() for k, v in {**state, **merge.state}.items()}
-        return unlift(program, owned)
+        return program, owned
 
     # -- reports ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from passes.cleanup import Cleanup
 from passes.merge import MergeError, fold_weights, merged_weights, op_multiset
 from rewrite.sites import find_sites
 from rewrite.trace import trace
+from rewrite.unlift import unlift
 from tests.method_cases import example_inputs
 from tests.models import convnet, image_inputs, perturb, tiny_gpt2, tiny_llama, token_inputs
 
@@ -81,12 +82,14 @@ def test_fold_into_a_fresh_base_trace_matches_merge(merged_case):
     program = trace(base, inputs(), training=False)
     state = dict(base.named_parameters(remove_duplicate=False))
     state.update(base.named_buffers(remove_duplicate=False))
-    folded = fold_weights(
-        program,
-        find_sites(program),
-        adapted.plan.assignments,
-        state,
-        merged_weights(adapted.plan.assignments, adapted.state()),
+    folded = unlift(
+        *fold_weights(
+            program,
+            find_sites(program),
+            adapted.plan.assignments,
+            state,
+            merged_weights(adapted.plan.assignments, adapted.state()),
+        )
     )
     assert op_multiset(folded) == op_multiset(merged)
     x = image_inputs(3, seed=6) if name == "convnet" else token_inputs(3, 9, seed=6)
